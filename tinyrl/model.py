@@ -1,0 +1,83 @@
+"""Load a Hugging Face causal LM and its tokenizer: hub id, local folder, or a `.gguf` file.
+
+The base weights are frozen (only LoRA trains, SPEC §2); float32 by default as in the paper.
+`eos_ids` collects every id that ends a completion (SPEC §3): for Qwen2 both
+`<|endoftext|>` and `<|im_end|>`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from tinyrl.cli import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA when present, else CPU; an explicit `device` ("cpu", "cuda:1", ...) wins."""
+    if device:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device {device} asked for CUDA, but torch sees no GPU here")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.endswith(".gguf") or name.count("/") > 1 or os.sep + os.sep in name
+
+
+def load_model(name: str, dtype: str = "float32", device: str | None = None):
+    """Return (model, tokenizer) with every base weight frozen and the model in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    dev = pick_device(device)
+    path = os.path.expanduser(name)
+    kwargs: dict = {}
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise UserError(f"model file {name} does not exist")
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(f"loading a .gguf file needs {' and '.join(missing)}: pip install gguf accelerate")
+        path, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    elif not os.path.exists(path) and _looks_like_path(name):
+        raise UserError(f"model path {name} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
+    except OSError as e:  # hub unreachable, unknown repo, or a folder without model files
+        where = "folder" if os.path.isdir(path) else "hub id"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"could not load model {name!r} ({where}): {first}. Offline? Pass a local folder or .gguf file with --model"
+        ) from None
+    model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not eos_ids(model, tokenizer):
+        raise UserError(f"the tokenizer of {name} has no EOS token, so completions could never end")
+    return model, tokenizer
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS, `<|im_end|>`, and the generation config's EOS list."""
+    ids = [tokenizer.eos_token_id]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    ids.append(im_end)
+    gen = getattr(model, "generation_config", None)
+    gen_eos = getattr(gen, "eos_token_id", None)
+    ids += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def pad_id(tokenizer, eos: list[int]) -> int:
+    """The padding id: the tokenizer's own, else the first EOS id (padding is always masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]

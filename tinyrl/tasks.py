@@ -1,0 +1,240 @@
+"""Tasks and the reward (SPEC §4; paper Appendix A and B).
+
+A task is three lists of `Problem`s (train, val, test) or, for multiplication, a function that
+draws fresh training problems. The reward is 1.0 when the last integer of the completion equals
+the answer. Adding a task takes one function that returns a `Task` (see the README).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable
+
+from tinyrl.cli import UserError
+
+
+@dataclass
+class Problem:
+    id: str
+    prompt: str  # the exact text the model sees, template applied
+    prompt_ids: list[int]
+    answer: int
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Problem] | Callable[[random.Random], Problem]  # a list, or a draw of a fresh problem
+    val: list[Problem]  # held out from train and test; picks the best checkpoint
+    test: list[Problem]  # the paper's test set
+
+
+def parse_answer(text: str) -> int | None:
+    """Appendix B: strip all commas, take the LAST integer (regex -?\\d+); None when there is none."""
+    numbers = re.findall(r"-?\d+", text.replace(",", ""))
+    return int(numbers[-1]) if numbers else None
+
+
+def reward(text: str, answer: int) -> float:
+    """1.0 for an exactly right final integer, else 0.0 (SPEC §4)."""
+    return 1.0 if parse_answer(text) == answer else 0.0
+
+
+def chat_prompt(tokenizer, system: str, user: str, assistant_prefix: str = "") -> tuple[str, list[int]]:
+    """The tokenizer's chat template when it has one, else the paper's plain "System:/User:/Assistant:" text."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefix
+        return text, tokenizer(text, add_special_tokens=False).input_ids  # the template holds its own specials
+    text = f"System: {system}\nUser: {user}\nAssistant: {assistant_prefix}"
+    return text, tokenizer(text).input_ids
+
+
+# ---------------------------------------------------------------- multiplication (Appendix A-A)
+MULT_SYSTEM = "You are a helpful AI assistant."
+MULT_USER = "What's {a} multiplied by {b}? Don't use a calculator."
+MULT_PREFILL = "Let's break this problem down step by step."
+MULT_TEST_SEED, MULT_VAL_SEED = 1234, 5678
+
+
+def parse_digits(spec: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """"3x3" -> ((101, 999), (101, 999)) as in the paper; "2x1" -> ((11, 99), (2, 9)); "11-99x2-9" is explicit."""
+    def one(part: str) -> tuple[int, int]:
+        if re.fullmatch(r"\d+", part):
+            d = int(part)
+            if not 1 <= d <= 9:
+                raise ValueError
+            return 10 ** (d - 1) + 1, 10**d - 1  # d=3: 101..999 (Appendix A-A); d=1: 2..9
+        lo, hi = (int(x) for x in part.split("-"))
+        if not 0 <= lo <= hi:
+            raise ValueError
+        return lo, hi
+
+    try:
+        a, b = spec.lower().split("x")
+        return one(a), one(b)
+    except ValueError:
+        raise UserError(f"--digits {spec!r}: expected AxB with digit counts (3x3, 2x1) or ranges (11-99x2-9)") from None
+
+
+def mult_problem(tokenizer, a: int, b: int) -> Problem:
+    prompt, ids = chat_prompt(tokenizer, MULT_SYSTEM, MULT_USER.format(a=a, b=b), MULT_PREFILL)
+    return Problem(f"{a}x{b}", prompt, ids, a * b)
+
+
+def mult_task(tokenizer, digits: str = "3x3", test_n: int = 3000, val_n: int = 500) -> Task:
+    """A×B with operands uniform in the digit ranges. Test (fixed seed) and val are never drawn for training.
+
+    A pair and its swap count as the same problem. When the ranges hold few pairs, test and val
+    shrink so that together they take at most half of them."""
+    (a_lo, a_hi), (b_lo, b_hi) = parse_digits(digits)
+    space = (a_hi - a_lo + 1) * (b_hi - b_lo + 1)
+    test_n, val_n = min(test_n, space // 4), min(val_n, space // 4)
+    draw_pair = lambda rng: (rng.randint(a_lo, a_hi), rng.randint(b_lo, b_hi))  # noqa: E731
+    key = lambda a, b: (min(a, b), max(a, b))  # noqa: E731
+
+    held: set[tuple[int, int]] = set()
+
+    def held_out(seed: int, n: int) -> list[tuple[int, int]]:
+        rng, pairs = random.Random(seed), []
+        while len(pairs) < n:
+            a, b = draw_pair(rng)
+            if key(a, b) not in held:
+                held.add(key(a, b))
+                pairs.append((a, b))
+        return pairs
+
+    test = [mult_problem(tokenizer, a, b) for a, b in held_out(MULT_TEST_SEED, test_n)]
+    val = [mult_problem(tokenizer, a, b) for a, b in held_out(MULT_VAL_SEED, val_n)]
+
+    def train(rng: random.Random) -> Problem:
+        while True:
+            a, b = draw_pair(rng)
+            if key(a, b) not in held:  # training draws never include a test or val pair
+                return mult_problem(tokenizer, a, b)
+
+    return Task(f"mult-{digits}", train, val, test)
+
+
+# ---------------------------------------------------------------- SVAMP (Appendix A-B)
+SVAMP_URL = "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/SVAMP.json"
+SVAMP_SHA256 = "5be77703a6d891ae476d7c082787ad361392aa02453b132516cdd5f4e7934e3e"
+SVAMP_TEST_IDS = os.path.join(os.path.dirname(__file__), "data", "svamp_test_ids.txt")
+SVAMP_VAL_SEED = 0
+
+
+def cache_dir() -> str:
+    return os.environ.get("TINYRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tinyrl"))
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _download(url: str, path: str, sha256: str | None) -> None:
+    """Fetch `url` to `path` through a temporary file, so a broken or wrong download never lands."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            f.write(response.read())
+    except OSError as e:
+        raise UserError(f"could not download {url} ({e}); fetch it yourself and pass --svamp-file PATH") from None
+    if sha256 and _sha256(tmp) != sha256:
+        os.remove(tmp)
+        raise UserError(f"the download of {url} does not have sha256 {sha256}; try again or pass --svamp-file")
+    os.replace(tmp, path)
+
+
+def svamp_records(path: str | None = None, sha256: str | None = SVAMP_SHA256) -> list[dict]:
+    """SVAMP.json's 1000 records: from `path`, or downloaded once into the cache dir. sha256=None skips the check."""
+    if path is None:
+        path = os.path.join(cache_dir(), "SVAMP.json")
+        if not os.path.exists(path):
+            _download(SVAMP_URL, path, sha256)
+    if not os.path.isfile(path):
+        raise UserError(f"SVAMP file {path} does not exist")
+    if sha256 and (digest := _sha256(path)) != sha256:
+        raise UserError(f"SVAMP file {path} has sha256 {digest[:12]}..., expected {sha256[:12]}...: it is damaged "
+                        f"or another version (delete it to download again, or pass --svamp-sha256 none)")
+    try:
+        with open(path) as f:
+            records = json.load(f)
+        for r in records:
+            if float(r["Answer"]) != int(float(r["Answer"])) or not isinstance(r["ID"], str):
+                raise ValueError(f"record {r.get('ID')} has a non-integral answer")
+            r["Body"].strip(), r["Question"].strip()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"SVAMP file {path} is malformed: {type(e).__name__}: {e}") from None
+    return records
+
+
+def svamp_problem(tokenizer, record: dict) -> Problem:
+    text = record["Body"].strip() + " " + record["Question"].strip()
+    prompt = f"Problem: {text}\nAnswer:"
+    return Problem(record["ID"], prompt, tokenizer(prompt).input_ids, int(float(record["Answer"])))
+
+
+def svamp_task(tokenizer, path: str | None = None, sha256: str | None = SVAMP_SHA256, val_n: int = 100) -> Task:
+    """Test = the 300 IDs of the common split, in order; val = val_n of the other 700 (fixed seed); train = the rest."""
+    records = svamp_records(path, sha256)
+    with open(SVAMP_TEST_IDS) as f:
+        test_ids = [line.strip() for line in f if line.strip()]
+    by_id = {r["ID"]: r for r in records}
+    test = [svamp_problem(tokenizer, by_id[i]) for i in test_ids if i in by_id]
+    rest = [svamp_problem(tokenizer, r) for r in records if r["ID"] not in set(test_ids)]
+    # DEVIATION: the paper does not say where its validation problems came from; we hold out val_n of the 700.
+    val_ids = set(random.Random(SVAMP_VAL_SEED).sample([p.id for p in rest], min(val_n, len(rest) // 2)))
+    return Task("svamp", [p for p in rest if p.id not in val_ids], [p for p in rest if p.id in val_ids], test)
+
+
+def load_task(name: str, tokenizer, digits: str = "3x3", svamp_file: str | None = None,
+              svamp_sha256: str | None = SVAMP_SHA256) -> Task:
+    """The task named on the command line. A new task is one more branch here."""
+    if name == "mult":
+        return mult_task(tokenizer, digits)
+    if name == "svamp":
+        return svamp_task(tokenizer, svamp_file, svamp_sha256)
+    raise UserError(f"unknown task {name!r}; choose mult or svamp")
+
+
+class TrainStream:
+    """The order of training problems: fresh draws, or shuffled epochs over a list. Its state is plain JSON."""
+
+    def __init__(self, task: Task, seed: int):
+        self.task, self.rng = task, random.Random(seed)
+        self.order: list[int] = []
+        self.pos = 0
+
+    def next(self) -> Problem:
+        if callable(self.task.train):
+            return self.task.train(self.rng)
+        if self.pos >= len(self.order):
+            self.order = list(range(len(self.task.train)))
+            self.rng.shuffle(self.order)
+            self.pos = 0
+        self.pos += 1
+        return self.task.train[self.order[self.pos - 1]]
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_state(self.rng), "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(self.rng, state["rng"])
+        self.order, self.pos = list(state["order"]), int(state["pos"])
+
+
+def rng_state(rng: random.Random) -> list:
+    """random.Random's state as JSON-friendly lists."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state: list) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
