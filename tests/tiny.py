@@ -35,13 +35,13 @@ def build_tokenizer(vocab_size: int = 300):
     )
 
 
-def build_model(vocab_size: int, seed: int = 0, layers: int = 4, hidden: int = 32):
+def build_model(vocab_size: int, seed: int = 0, layers: int = 4, hidden: int = 32, init_std: float = 0.02):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
-        eos_token_id=0, bos_token_id=0, pad_token_id=0,
+        eos_token_id=0, bos_token_id=0, pad_token_id=0, initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
@@ -49,10 +49,13 @@ def build_model(vocab_size: int, seed: int = 0, layers: int = 4, hidden: int = 3
     return model
 
 
-def save_tiny(path: str, seed: int = 0) -> str:
-    """Write a tiny model + tokenizer to `path` (a HF-style folder) and return it."""
+def save_tiny(path: str, seed: int = 0, init_std: float = 0.02) -> str:
+    """Write a tiny model + tokenizer to `path` (a HF-style folder) and return it.
+
+    init_std sets the scale of the random weights; the learning test uses a larger one, because with
+    0.02 the final norm caps every logit near 0 and no policy can become confident."""
     tok = build_tokenizer()
-    model = build_model(len(tok), seed=seed)
+    model = build_model(len(tok), seed=seed, init_std=init_std)
     os.makedirs(path, exist_ok=True)
     tok.save_pretrained(path)
     model.save_pretrained(path)

@@ -1,0 +1,64 @@
+"""Smoke: train.py runs every algo x task on the tiny model and writes every artifact; eval.py loads the result."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train
+from test_tasks import write_svamp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--steps", "2", "--group-size", "3", "--max-new-tokens", "8", "--eval-every", "1", "--eval-n", "3",
+        "--test-n", "3", "--save-every", "1", "--eval-batch-size", "2"]
+
+
+def task_flags(task, tmp_path):
+    if task == "mult":
+        return ["--task", "mult"]
+    sha, _ = write_svamp(tmp_path / "svamp.json")
+    return ["--task", "svamp", "--svamp-file", str(tmp_path / "svamp.json"), "--svamp-sha256", sha]
+
+
+@pytest.mark.parametrize("task", ["mult", "svamp"])
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
+def test_two_steps_write_every_artifact(tiny_dir, tmp_path, algo, task, capsys):
+    run = tmp_path / "run"
+    assert train.main(["--algo", algo, "--model", tiny_dir, "--out", str(run), *task_flags(task, tmp_path), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "group_size        = 3   (paper: " in printed and "lr                = 0.0001" in printed
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["algo"] == algo and cfg["group_size"] == 3 and cfg["lora_rank"] == (8 if task == "mult" else 16)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0, 1, 2]
+    for m in lines[1:]:
+        for key in ("reward_mean", "accuracy", "loss", "tokens_in_loss", "sec_sample", "sec_reward", "sec_loss",
+                    "sec_optim", "peak_mem_mb", "val_accuracy"):
+            assert key in m, key
+        if algo == "tspmo":
+            assert {"num_pairs", "nonzero_pairs", "replay_updates"} <= m.keys()
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and {"completion", "reward", "answer"} <= samples[0].keys()
+    for adapter in ("best", "final", "checkpoints/step-000002/adapter"):
+        assert (run / adapter / "adapter_model.safetensors").exists() and (run / adapter / "adapter_config.json").exists()
+    assert json.loads((run / "latest").read_text())["checkpoint"] == "checkpoints/step-000002"
+    final = json.loads((run / "final_eval.json").read_text())
+    assert final["split"] == "test" and final["n"] == 3 and "accuracy" in final and "ci95" in final
+    assert len((run / "test_results.jsonl").read_text().splitlines()) == 3
+
+
+def test_eval_loads_the_trained_adapter_and_plot_draws_it(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(["--algo", "tspmo", "--model", tiny_dir, "--out", str(run), "--task", "mult", *FAST]) == 0
+    r = subprocess.run([sys.executable, "eval.py", "--task", "mult", "--model", tiny_dir, "--adapter",
+                        str(run / "best"), "--n", "3", "--max-new-tokens", "8"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "accuracy" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "tinyrl.plot", str(run), str(run), "--out", str(tmp_path / "p.png")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    no_mpl = "import sys; sys.modules['matplotlib'] = None; from tinyrl.plot import main; from tinyrl.cli import " \
+             f"run_main; run_main(lambda: main([{str(run)!r}]))"
+    r = subprocess.run([sys.executable, "-c", no_mpl], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr

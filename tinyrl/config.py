@@ -1,0 +1,183 @@
+"""One flat training config: a dataclass, the paper's presets per (algo, task), and flags that override them.
+
+Fields left at None take the preset of their (algo, task) pair (SPEC §2, §5, §6; paper §IV-A and
+the ablations); every field is a flag (`group_size` -> `--group-size`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from tinyrl.cli import ArgParser, UserError
+from tinyrl.tasks import SVAMP_SHA256
+
+
+def F(default, help: str):  # noqa: N802 - a field with its one-line comment, which is also its --help
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to train
+    algo: str = F("tspmo", "grpo | sgrpo | tspmo")
+    task: str = F("mult", "mult | svamp")
+    model: str = F("Qwen/Qwen2-1.5B", "hub id, local folder or .gguf file (paper: Qwen2-1.5B)")
+    digits: str = F("3x3", "mult operands: 3x3 (paper: 101..999), 2x1, or ranges like 11-99x2-9")
+    svamp_file: str | None = F(None, "local SVAMP.json instead of the cached download")
+    svamp_sha256: str = F(SVAMP_SHA256, "expected sha256 of the SVAMP file, or 'none'")
+    # LoRA (SPEC §2)
+    lora_rank: int = F(None, "r (paper: 8 mult, 16 svamp)")
+    lora_alpha: float | None = F(None, "LoRA alpha; default = rank, i.e. scaling 1 (SPEC DECIDED)")
+    lora_fraction: float = F(None, "adapt q/v of the last fraction of layers (paper: 1/4 mult, 1/3 svamp)")
+    # sampling (SPEC §3)
+    group_size: int = F(None, "|G| completions per prompt (paper: 8 GRPO/S-GRPO, 50 T-SPMO)")
+    temperature: float = F(0.3, "sampling temperature (paper: 0.3)")
+    max_new_tokens: int = F(300, "completion length limit (paper: 300)")
+    # objectives (SPEC §5)
+    alpha: int = F(None, "S-GRPO: the first alpha tokens always count (paper: 50 mult, 100 svamp)")
+    k: int = F(None, "S-GRPO: at most k tokens count (paper: 100)")
+    p: float = F(None, "S-GRPO: later tokens count with probability P (not in paper; SPEC DECIDED 0.1)")
+    beta: float = F(None, "KL coefficient, GRPO/S-GRPO (paper: 0.01)")
+    lam: float = F(None, "T-SPMO L2 coefficient on the LoRA weights (paper: 0.01)")
+    clip_eps: float | None = F(None, "PPO epsilon-clip of the ratio; off by default (one update per group)")
+    log_prob: bool = F(False, "T-SPMO: use log pi instead of pi in Eq. (10) (not the paper)")
+    # replay (T-SPMO, SPEC §5.4)
+    replay_success: int = F(None, "C_success replays per step (paper: 1 mult, 0 svamp)")
+    replay_failure: int = F(None, "C_failure replays per step (paper: 0)")
+    replay_capacity: int = F(1000, "replay buffer size, FIFO (SPEC DECIDED)")
+    replay_threshold: float = F(1.0, "r: a completion with R >= r is a success (SPEC DECIDED)")
+    # optimisation (SPEC §6)
+    steps: int = F(None, "optimizer steps (paper: mult 350 T-SPMO, 450 S-GRPO/GRPO; svamp 400, 325)")
+    lr: float = F(1e-4, "AdamW learning rate (paper: 1e-4), weight decay 0")
+    batch_size: int = F(1, "prompts per optimizer step, by gradient accumulation (paper: 1; Table IV: 8)")
+    seed: int = F(0, "seed of every random stream")
+    # evaluation and the run directory
+    eval_every: int = F(25, "validation accuracy every N steps (0: never)")
+    eval_n: int = F(200, "validation problems per evaluation")
+    eval_batch_size: int = F(64, "prompts decoded together when evaluating")
+    test_n: int | None = F(None, "test problems in the final evaluation (default: all; 0: skip)")
+    out: str | None = F(None, "run directory (default: runs/ALGO-TASK-TIME)")
+    save_every: int = F(50, "checkpoint every N steps")
+    keep: int = F(3, "keep the last K checkpoints (plus best/)")
+    max_bad_steps: int = F(5, "stop after this many consecutive non-finite updates")
+    # memory and speed
+    chunk_size: int | None = F(None, "sampler rows decoded at once (default: all |G|)")
+    max_batch_tokens: int = F(8192, "token budget of one training forward pass")
+    dtype: str = F("float32", "float32 (paper) | bfloat16 | float16")
+    device: str | None = F(None, "cpu, cuda, cuda:1, ... (default: CUDA when present)")
+
+
+def preset(algo: str, task: str) -> dict:
+    """The paper's settings for one (algo, task) pair."""
+    lora = {"mult": {"lora_rank": 8, "lora_fraction": 0.25}, "svamp": {"lora_rank": 16, "lora_fraction": 1 / 3}}
+    steps = {("tspmo", "mult"): 350, ("sgrpo", "mult"): 450, ("grpo", "mult"): 450,
+             ("tspmo", "svamp"): 400, ("sgrpo", "svamp"): 325, ("grpo", "svamp"): 325}
+    out = {**lora[task], "steps": steps[algo, task], "alpha": 0, "k": 0, "p": 0.0, "beta": 0.0, "lam": 0.0,
+           "replay_success": 0, "replay_failure": 0}
+    if algo in ("grpo", "sgrpo"):
+        out.update(group_size=8, beta=0.01)
+    if algo == "sgrpo":
+        out.update(alpha=50 if task == "mult" else 100, k=100, p=0.1)  # Table III best; P: SPEC DECIDED
+    if algo == "tspmo":
+        out.update(group_size=50, lam=0.01, replay_success=1 if task == "mult" else 0)  # Table V best
+    return out
+
+
+# fields that may change when a run resumes; the others define the run and must stay as they were
+RESUMABLE = {"steps", "eval_every", "save_every", "keep", "device", "max_bad_steps", "test_n", "eval_batch_size",
+             "out"}
+
+
+def _check(cfg: Config) -> None:
+    """Refuse values the maths cannot use, naming the flag and the value given."""
+    rules = [
+        ("group_size", cfg.group_size >= 2, ">= 2 (advantages compare completions)"),
+        ("lora_rank", cfg.lora_rank >= 1, ">= 1"),
+        ("lora_fraction", 0 < cfg.lora_fraction <= 1, "in (0, 1]"),
+        ("temperature", cfg.temperature >= 0, ">= 0"),
+        ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("alpha", cfg.alpha >= 0, ">= 0"),
+        ("k", cfg.k >= 0, ">= 0"),
+        ("p", 0 <= cfg.p <= 1, "in [0, 1]"),
+        ("beta", cfg.beta >= 0, ">= 0"),
+        ("lam", cfg.lam >= 0, ">= 0"),
+        ("lr", cfg.lr > 0, "> 0"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+        ("replay_success", cfg.replay_success >= 0, ">= 0"),
+        ("replay_failure", cfg.replay_failure >= 0, ">= 0"),
+        ("replay_capacity", cfg.replay_capacity >= 1, ">= 1"),
+        ("eval_every", cfg.eval_every >= 0, ">= 0"),
+        ("eval_n", cfg.eval_n >= 1, ">= 1"),
+        ("eval_batch_size", cfg.eval_batch_size >= 1, ">= 1"),
+        ("test_n", cfg.test_n is None or cfg.test_n >= 0, ">= 0"),
+        ("save_every", cfg.save_every >= 1, ">= 1"),
+        ("keep", cfg.keep >= 1, ">= 1"),
+        ("max_bad_steps", cfg.max_bad_steps >= 1, ">= 1"),
+        ("chunk_size", cfg.chunk_size is None or cfg.chunk_size >= 1, ">= 1"),
+        ("max_batch_tokens", cfg.max_batch_tokens >= 1, ">= 1"),
+        ("clip_eps", cfg.clip_eps is None or cfg.clip_eps > 0, "> 0"),
+    ]
+    for name, ok, need in rules:
+        if not ok:
+            raise UserError(f"--{name.replace('_', '-')} must be {need}, got {getattr(cfg, name)}")
+
+
+def _parser() -> ArgParser:
+    p = ArgParser(description="Train a LoRA policy with GRPO, S-GRPO or T-SPMO.", argument_default=argparse.SUPPRESS)
+    p.add_argument("--resume", help="continue the run in this directory")
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+        choices = {"algo": ["grpo", "sgrpo", "tspmo"], "task": ["mult", "svamp"],
+                   "dtype": ["float32", "bfloat16", "float16"]}.get(f.name)
+        p.add_argument(flag, type=kind, choices=choices, help=f.metadata["help"])
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, str | None]:
+    """Config from presets + flags, or from a run directory's config.json when --resume is given.
+
+    Returns (config, resume_dir)."""
+    given = vars(_parser().parse_args(argv))
+    resume = given.pop("resume", None)
+    if resume:
+        path = os.path.join(resume, "config.json")
+        if not os.path.isfile(path):
+            raise UserError(f"--resume {resume}: no config.json there, so it is not a tinyrl run directory")
+        with open(path) as f:
+            saved = json.load(f)
+        differ = [f"--{k.replace('_', '-')} {given[k]} (run has {saved.get(k)})" for k in given
+                  if k not in RESUMABLE and given[k] != saved.get(k)]
+        if differ:
+            raise UserError(f"--resume {resume}: these flags differ from the run's config: {', '.join(differ)}")
+        cfg = Config(**{**saved, **given, "out": resume})
+    else:
+        cfg = Config(**given)
+        for name, value in preset(cfg.algo, cfg.task).items():
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, value)
+        if cfg.lora_alpha is None:
+            cfg.lora_alpha = float(cfg.lora_rank)  # scaling 1 (SPEC §2 DECIDED)
+        if cfg.out is None:
+            cfg.out = os.path.join("runs", f"{cfg.algo}-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    _check(cfg)
+    return cfg, resume
+
+
+def describe(cfg: Config) -> str:
+    """The resolved config, one field a line, marking what differs from the paper's preset."""
+    paper = {**preset(cfg.algo, cfg.task), "lora_alpha": float(cfg.lora_rank)}
+    lines = []
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        note = f"   (paper: {paper[f.name]})" if f.name in paper and paper[f.name] != value else ""
+        lines.append(f"  {f.name:<17} = {value}{note}")
+    return "\n".join(lines)

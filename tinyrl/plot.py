@@ -1,0 +1,76 @@
+"""Plot runs like the paper's Figure 1: validation accuracy and training reward against step.
+
+    python -m tinyrl.plot runs/tspmo-mult-A runs/sgrpo-mult-B [--out curves.png] [--smooth 20]
+
+matplotlib is optional; without it this tool says so and exits 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from tinyrl.cli import ArgParser, UserError, run_main
+
+
+def read_run(run_dir: str) -> tuple[str, list[dict]]:
+    """(label, metrics lines) of one run directory."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise UserError(f"{run_dir} has no metrics.jsonl; is it a tinyrl run directory?")
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    label = os.path.basename(os.path.normpath(run_dir))
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            cfg = json.load(f)
+        label = f"{cfg['algo']} ({label})"
+    except (OSError, ValueError, KeyError):
+        pass
+    return label, lines
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def main(argv=None) -> int:
+    p = ArgParser(description="Plot validation accuracy and training reward of tinyrl runs.")
+    p.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
+    p.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png of the first run)")
+    p.add_argument("--smooth", type=int, default=20, help="moving-average window for the reward, in steps")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    runs = [read_run(r) for r in args.runs]
+    fig, (ax_val, ax_reward) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, lines in runs:
+        val = [(m["step"], 100 * m["val_accuracy"]) for m in lines if "val_accuracy" in m]
+        train = [(m["step"], m["reward_mean"]) for m in lines if "reward_mean" in m]
+        if val:
+            ax_val.plot(*zip(*val), marker="o", markersize=3, label=label)
+        if train:
+            steps, rewards = zip(*train)
+            ax_reward.plot(steps, moving_average(list(rewards), max(1, args.smooth)), label=label)
+    ax_val.set(xlabel="step", ylabel="validation accuracy (%)", title="Validation accuracy")
+    ax_reward.set(xlabel="step", ylabel=f"mean reward ({args.smooth}-step moving average)", title="Training reward")
+    for ax in (ax_val, ax_reward):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = args.out or os.path.join(args.runs[0], "curves.png")
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,184 @@
+"""From one sampled group to LoRA gradients: positions -> selective forward -> loss -> backward.
+
+Memory is the point (paper §III). Three rules keep the update small:
+1. Never build (batch, length, vocab) logits. The decoder gives hidden states; only the positions
+   that enter the loss are gathered, and the LM head + log-softmax run there, in chunks that are
+   recomputed in backward (a 151,936-word vocabulary makes logits the largest tensor by far).
+2. Cut each sequence after the last position the loss needs, and pack sequences into forward
+   passes under a token budget (`max_batch_tokens`): Algorithm 2's one completion per pass is
+   the smallest budget; larger budgets give the same gradient with fewer passes.
+3. The reference pass (LoRA off) runs under no_grad, and only when beta > 0. Layers below the
+   first LoRA layer hold no autograd state: nothing there requires grad, so autograd records nothing.
+`shard=(rank, world)` makes each process handle its share for group-parallel training.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
+
+from tinyrl.lora import disable_lora
+from tinyrl.objectives import PrefixTree, grpo_loss, tspmo_loss
+
+
+def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()  # (n, V): one chunk only
+    return logits.gather(-1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def selected_logprobs(
+    model,
+    prompt_ids: list[int],
+    completions: list[list[int]],
+    positions: list[list[int]],
+    pad_id: int,
+    head_chunk: int = 1024,
+    full_logits: bool = False,
+) -> torch.Tensor:
+    """log pi(y_i[t] | prompt, y_i[:t]) for every t in positions[i], flattened in (i, t) order: (N,).
+
+    Row i is prompt + y_i[:max t]: the last target itself is never fed in. Rows are right-padded,
+    which a causal model needs no mask for. full_logits=True is the naive reference that builds
+    all logits; it exists to test and benchmark the selective path against."""
+    device = next(model.parameters()).device
+    P = len(prompt_ids)
+    seqs = [torch.as_tensor(prompt_ids + y[: max(ts)], device=device) for y, ts in zip(completions, positions)]
+    input_ids = pad_sequence(seqs, batch_first=True, padding_value=pad_id)  # (B, S)
+    rows = torch.cat([torch.full((len(ts),), i, device=device) for i, ts in enumerate(positions)])
+    cols = torch.cat([torch.as_tensor(ts, device=device) + P - 1 for ts in positions])  # logits at P-1+t predict y[t]
+    targets = torch.cat([torch.as_tensor([y[t] for t in ts], device=device) for y, ts in zip(completions, positions)])
+    if full_logits:
+        logits = model(input_ids=input_ids).logits.float()  # (B, S, V): what the selective path avoids
+        return logits.log_softmax(-1)[rows, cols].gather(-1, targets[:, None]).squeeze(1)
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (B, S, H)
+    picked = hidden[rows, cols]  # (N, H)
+    head = model.get_output_embeddings()
+    out = []
+    for h, tgt in zip(picked.split(head_chunk), targets.split(head_chunk)):
+        if torch.is_grad_enabled():  # keep only (n, H) for backward; the (n, V) chunk is recomputed
+            out.append(checkpoint(_head_logprobs, h, tgt, head.weight, head.bias, use_reentrant=False))
+        else:
+            out.append(_head_logprobs(h, tgt, head.weight, head.bias))
+    return torch.cat(out)
+
+
+def pack(lengths: dict[int, int], max_batch_tokens: int | None) -> list[list[int]]:
+    """Group keys into passes whose padded size (rows x longest row) stays within the budget.
+
+    Longest first, so that rows of similar length share a pass; a row longer than the budget runs alone."""
+    order = sorted(lengths, key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        fits = batches and (not max_batch_tokens or (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens)
+        if fits:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def grpo_backward(
+    model,
+    prompt_ids: list[int],
+    completions: list[list[int]],
+    advantages: torch.Tensor,
+    positions: list[list[int]],
+    beta: float,
+    pad_id: int,
+    clip_eps: float | None = None,
+    max_batch_tokens: int | None = None,
+    scale: float = 1.0,
+    shard: tuple[int, int] = (0, 1),
+    full_logits: bool = False,
+) -> dict:
+    """Backpropagate GRPO / S-GRPO (Eq. 3 / 5) for one group; positions[i] are the tokens T_i of completion i.
+
+    Each completion's loss is divided by |G| (Algorithm 2), times `scale` (1/prompts per step)."""
+    G, (rank, world) = len(completions), shard
+    mine = {i: len(prompt_ids) + max(positions[i]) for i in range(G) if positions[i] and i % world == rank}
+    stats = {"loss": 0.0, "kl": 0.0, "tokens_in_loss": 0, "forward_tokens": 0, "forward_passes": 0}
+    for batch in pack(mine, max_batch_tokens):
+        args = (prompt_ids, [completions[i] for i in batch], [positions[i] for i in batch], pad_id)
+        logp = selected_logprobs(model, *args, full_logits=full_logits)
+        logp_ref = None
+        if beta > 0:
+            with torch.no_grad(), disable_lora(model):
+                logp_ref = selected_logprobs(model, *args, full_logits=full_logits)
+        counts = [len(positions[i]) for i in batch]
+        as_rows = lambda x: pad_sequence(x.split(counts), batch_first=True)  # (B, K)  # noqa: E731
+        mask = as_rows(torch.ones_like(logp))
+        loss, st = grpo_loss(as_rows(logp), None if logp_ref is None else as_rows(logp_ref),
+                             advantages[batch].to(logp.device), mask, beta, clip_eps)
+        loss = loss * len(batch) / G * scale  # this slice's share of (1/|G|) Σ_i
+        loss.backward()
+        stats["loss"] += loss.item()
+        stats["kl"] += st["kl"] * len(batch) / G
+        stats["tokens_in_loss"] += st["tokens"]
+        stats["forward_tokens"] += sum(mine[i] for i in batch)
+        stats["forward_passes"] += 1
+    return stats
+
+
+def tspmo_positions(tree: PrefixTree, shard: tuple[int, int] = (0, 1)) -> tuple[list[list[int]], list[list[float]]]:
+    """For each completion, the positions t whose pair (y[:t], y[t]) has A != 0 and appears first in it.
+
+    Each needed pair is computed once, by the first completion that holds it; pairs with A = 0 add
+    nothing to Eq. (10) and need no forward. With shards, whole completions go round-robin to ranks."""
+    rank, world = shard
+    seen: set[int] = set()
+    positions, advantages = [], []
+    for i, path in enumerate(tree.paths):
+        ts, adv = [], []
+        for t, node in enumerate(path):
+            a = tree.advantage(node)
+            if a != 0.0 and node not in seen:
+                seen.add(node)
+                if i % world == rank:
+                    ts.append(t)
+                    adv.append(a)
+        positions.append(ts)
+        advantages.append(adv)
+    return positions, advantages
+
+
+def tspmo_backward(
+    model,
+    prompt_ids: list[int],
+    completions: list[list[int]],
+    tree: PrefixTree,
+    lam: float,
+    lora_weights: list[torch.Tensor],
+    pad_id: int,
+    log_prob: bool = False,
+    max_batch_tokens: int | None = None,
+    scale: float = 1.0,
+    shard: tuple[int, int] = (0, 1),
+    full_logits: bool = False,
+) -> dict:
+    """Backpropagate T-SPMO (Eq. 10) for one prefix tree: one forward per completion that owns needed pairs."""
+    positions, advantages = tspmo_positions(tree, shard)
+    mine = {i: len(prompt_ids) + max(ts) for i, ts in enumerate(positions) if ts}
+    num_pairs = len(tree)
+    stats = {"loss": 0.0, "num_pairs": num_pairs, "nonzero_pairs": 0, "tokens_in_loss": 0, "forward_tokens": 0,
+             "forward_passes": 0}
+    l2_weights = lora_weights if shard[0] == 0 else []  # the L2 term counts once, on rank 0
+    device = next(model.parameters()).device
+    for batch in pack(mine, max_batch_tokens) or [[]]:  # [[]]: no pair has A != 0, only the L2 term acts
+        if batch:
+            logp = selected_logprobs(model, prompt_ids, [completions[i] for i in batch],
+                                     [positions[i] for i in batch], pad_id, full_logits=full_logits)
+        else:
+            logp = torch.zeros(0, device=device)
+        adv = torch.tensor([a for i in batch for a in advantages[i]], device=device)
+        loss, _ = tspmo_loss(logp, adv, num_pairs, l2_weights, lam, log_prob)
+        l2_weights = []
+        loss = loss * scale
+        if loss.requires_grad:
+            loss.backward()
+        stats["loss"] += loss.item()
+        stats["nonzero_pairs"] += len(adv)
+        stats["tokens_in_loss"] += len(adv)
+        stats["forward_tokens"] += sum(mine[i] for i in batch)
+        stats["forward_passes"] += bool(batch)
+    return stats
