@@ -137,4 +137,6 @@ def test_pack_respects_the_token_budget():
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 40
-    assert pack(lengths, None) == [[4, 1, 2, 0, 3]]
+        assert min(lengths[i] for i in b) >= 0.75 * max(lengths[i] for i in b)  # padding wastes <= 1/4
+    assert pack(lengths, None) == [[4, 1], [2, 0, 3]]
+    assert pack({0: 10, 1: 10, 2: 10}, None) == [[0, 1, 2]]

@@ -174,7 +174,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str | None]:
 
 def describe(cfg: Config) -> str:
     """The resolved config, one field a line, marking what differs from the paper's preset."""
-    paper = {**preset(cfg.algo, cfg.task), "lora_alpha": float(cfg.lora_rank)}
+    fixed = ("model", "digits", "temperature", "max_new_tokens", "lr", "batch_size", "dtype")  # same for every pair
+    paper = {**{f.name: f.default for f in dataclasses.fields(Config) if f.name in fixed},
+             **preset(cfg.algo, cfg.task), "lora_alpha": float(cfg.lora_rank)}
     lines = []
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)

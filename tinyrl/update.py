@@ -63,14 +63,18 @@ def selected_logprobs(
     return torch.cat(out)
 
 
-def pack(lengths: dict[int, int], max_batch_tokens: int | None) -> list[list[int]]:
-    """Group keys into passes whose padded size (rows x longest row) stays within the budget.
+def pack(lengths: dict[int, int], max_batch_tokens: int | None, min_fill: float = 0.75) -> list[list[int]]:
+    """Group keys into forward passes of similar length under a token budget.
 
-    Longest first, so that rows of similar length share a pass; a row longer than the budget runs alone."""
+    Longest first; a row joins the current pass if the padded size (rows x longest) stays within
+    `max_batch_tokens` and the row is at least `min_fill` of the longest, so padding wastes at most
+    a quarter of the compute. A row longer than the budget runs alone."""
     order = sorted(lengths, key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
-        fits = batches and (not max_batch_tokens or (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_batch_tokens)
+        longest = lengths[batches[-1][0]] if batches else 0
+        fits = batches and lengths[i] >= min_fill * longest and (
+            not max_batch_tokens or (len(batches[-1]) + 1) * longest <= max_batch_tokens)
         if fits:
             batches[-1].append(i)
         else:

@@ -1,0 +1,71 @@
+"""tinyrl's sampler against Hugging Face `generate`: one prompt, n completions, equal work.
+
+    python bench/sampling.py [--model FILE.gguf] [--n 50] [--max-new-tokens 300]
+
+Both sides sample at temperature 0.3 from the same model and prompt, ignore EOS (every row runs
+to max_new_tokens, so the token counts are equal) and use no top-k/top-p. Prints tokens/s and the
+ratio tinyrl / HF measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import load_bench_model
+
+from tinyrl.sampling import sample
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a .gguf / folder / hub id (default: SmolLM2 GGUF if found, else random Qwen2)")
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--device", default=None)
+    args = p.parse_args()
+    model, tok, desc = load_bench_model(args.model, args.device)
+    device = next(model.parameters()).device
+    if tok is not None:
+        from tinyrl.tasks import mult_problem
+
+        prompt = mult_problem(tok, 123, 456).prompt_ids
+    else:
+        prompt = torch.randint(100, 30000, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    n, L = args.n, args.max_new_tokens
+    print(f"model: {desc}; device {device}; torch threads {torch.get_num_threads()}")
+    print(f"one prompt of {len(prompt)} tokens, n={n} completions x {L} new tokens, temperature 0.3, EOS ignored")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run_tinyrl(tokens):
+        out = sample(model, prompt, n, tokens, 0.3, eos_ids=[], generator=torch.Generator(device).manual_seed(0))
+        return sum(map(len, out))
+
+    def run_hf(tokens):
+        ids = torch.tensor([prompt], device=device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=0.3, top_k=0,
+                             top_p=1.0, num_return_sequences=n, max_new_tokens=tokens, min_new_tokens=tokens,
+                             eos_token_id=None, pad_token_id=0)
+        return (out.shape[1] - len(prompt)) * out.shape[0]
+
+    rows = []
+    for name, fn in (("HF generate", run_hf), ("tinyrl sample", run_tinyrl)):
+        fn(8)  # warm-up
+        sync()
+        start = time.perf_counter()
+        tokens = fn(L)
+        sync()
+        seconds = time.perf_counter() - start
+        rows.append((name, tokens, seconds, tokens / seconds))
+    assert rows[0][1] == rows[1][1] == n * L, "unequal work"
+    print(f"\n{'sampler':<16}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}")
+    for name, tokens, seconds, rate in rows:
+        print(f"{name:<16}{tokens:>8}{seconds:>10.2f}{rate:>11.1f}")
+    print(f"\ntinyrl / HF generate: {rows[1][3] / rows[0][3]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
