@@ -88,3 +88,17 @@ def test_chunked_equals_unchunked(lora_model):
     assert sample(model, p, 7, 25, 0.0, EOS, chunk_size=3) == whole
     assert sample(model, p, 7, 25, 0.0, EOS, chunk_size=1) == whole
     assert len(whole) == 7
+
+
+def test_pick_tokens_draws_from_softmax_over_temperature():
+    from tinyrl.sampling import pick_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0], [0.0, 0.0, 0.0, 0.0, 5.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([pick_tokens(logits, 0.7, g) for _ in range(20000)])  # (N, 2)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).float() / len(draws)
+        expected = torch.softmax(logits[row] / 0.7, -1)
+        assert torch.allclose(freq, expected, atol=0.01), (freq, expected)  # 4 sigma of binomial noise
+    assert (draws[:, 0] != 4).all()  # a token with probability ~1e-19 is not drawn
+    assert torch.equal(pick_tokens(logits, 0.0), torch.tensor([0, 4]))
