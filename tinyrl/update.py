@@ -33,7 +33,7 @@ def selected_logprobs(
     completions: list[list[int]],
     positions: list[list[int]],
     pad_id: int,
-    head_chunk: int = 1024,
+    head_chunk: int = 256,
     full_logits: bool = False,
 ) -> torch.Tensor:
     """log pi(y_i[t] | prompt, y_i[:t]) for every t in positions[i], flattened in (i, t) order: (N,).
