@@ -182,7 +182,7 @@ def train(cfg: Config, resume: str | None, stop: StopFlag) -> int:
             problem = stream.next()
             t0 = clock(device)
             completions = sample(model, problem.prompt_ids, cfg.group_size, cfg.max_new_tokens,  # 1. sample
-                                 cfg.temperature, eos, sampler_gen, cfg.chunk_size)
+                                 cfg.temperature, eos, sampler_gen, cfg.chunk_size, cfg.static_cache)
             t1 = clock(device)
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
             rewards = [reward(text, problem.answer) for text in texts]  # 2. reward
@@ -219,7 +219,7 @@ def train(cfg: Config, resume: str | None, stop: StopFlag) -> int:
                 prefix = episode.prompt_ids + kept
                 # our choice (paper silent): kept part + continuation stay within max_new_tokens
                 continuations = sample(model, prefix, cfg.group_size, cfg.max_new_tokens - m, cfg.temperature, eos,
-                                       sampler_gen, cfg.chunk_size)
+                                       sampler_gen, cfg.chunk_size, cfg.static_cache)
                 rewards = replay_rewards(tokenizer, kept, continuations, episode.answer)
                 stats = tspmo_update(prefix, continuations, rewards)
                 ok = finite_step(optimizer, params, stats["loss"]) and ok

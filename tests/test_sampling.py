@@ -102,3 +102,17 @@ def test_pick_tokens_draws_from_softmax_over_temperature():
         assert torch.allclose(freq, expected, atol=0.01), (freq, expected)  # 4 sigma of binomial noise
     assert (draws[:, 0] != 4).all()  # a token with probability ~1e-19 is not drawn
     assert torch.equal(pick_tokens(logits, 0.0), torch.tensor([0, 4]))
+
+
+def test_static_shapes_decode_equals_dynamic(lora_model):
+    """The fixed-shape path (for CUDA graphs; eager on CPU) gives the same completions as the default one."""
+    model, tokenizer = lora_model
+    p = prompts(tokenizer)[1]
+    assert sample(model, p, 4, 30, 0.0, EOS, static=True) == sample(model, p, 4, 30, 0.0, EOS)
+    assert sample(model, p, 5, 30, 0.0, EOS, chunk_size=2, static=True) == sample(model, p, 5, 30, 0.0, EOS)
+    # with temperature > 0 it draws for every row, finished or not, so its stream is its own: check it repeats
+    seeded = lambda: sample(model, p, 6, 30, 1.0, EOS, torch.Generator().manual_seed(3), static=True)  # noqa: E731
+    first = seeded()
+    assert seeded() == first and len(first) == 6
+    assert any(len(c) < 30 for c in first)  # rows that end early are cut at their EOS, which is kept
+    assert all(c[-1] in EOS for c in first if len(c) < 30) and all(t not in EOS for c in first for t in c[:-1])

@@ -66,6 +66,7 @@ class Config:
     max_bad_steps: int = F(5, "stop after this many consecutive non-finite updates")
     # memory and speed
     chunk_size: int | None = F(None, "sampler rows decoded at once (default: all |G|)")
+    static_cache: bool = F(False, "sample with fixed shapes; on CUDA under torch.compile with CUDA graphs")
     max_batch_tokens: int = F(8192, "token budget of one training forward pass")
     dtype: str = F("float32", "float32 (paper) | bfloat16 | float16")
     device: str | None = F(None, "cpu, cuda, cuda:1, ... (default: CUDA when present)")

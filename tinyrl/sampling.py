@@ -64,6 +64,27 @@ class PreallocatedLayer(DynamicLayer):
         return out
 
 
+class FixedLayer(DynamicLayer):
+    """Fixed-shape keys/values for CUDA graphs: each step writes at `slot` (a tensor, not a Python int)
+    and attention reads the whole buffer under a mask, so every step has the same shapes and addresses."""
+
+    def __init__(self, k_buf: torch.Tensor, v_buf: torch.Tensor, slot: torch.Tensor):
+        super().__init__()
+        self.k_buf, self.v_buf, self.slot = k_buf, v_buf, slot
+        self.keys, self.values, self.is_initialized = k_buf, v_buf, True
+        if k_buf.is_cuda:
+            torch._dynamo.mark_static_address(k_buf)
+            torch._dynamo.mark_static_address(v_buf)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.k_buf.index_copy_(2, self.slot, key_states)
+        self.v_buf.index_copy_(2, self.slot, value_states)
+        return self.k_buf, self.v_buf
+
+    def get_seq_length(self) -> int:
+        return self.k_buf.shape[2]
+
+
 def new_cache(model, capacity: int | None = None) -> Cache:
     """A KV cache for `model`: preallocated for `capacity` positions, or HF's growing DynamicCache."""
     if capacity is None:
@@ -134,6 +155,67 @@ def decode(
     return completions
 
 
+class StaticDecoder:
+    """Fixed-shape decoding state for CUDA graphs, kept across calls so a compiled step is captured once.
+
+    Finished rows keep decoding (and are ignored) instead of leaving the batch; the cache has room for
+    `capacity` positions from the start and attention reads all of it under a mask. With compile=True
+    each step runs under torch.compile(mode="reduce-overhead"), which replays one CUDA graph."""
+
+    _cache: dict = {}
+
+    @classmethod
+    def get(cls, model, prompt_cache: Cache, rows: int, max_new_tokens: int, compile: bool) -> "StaticDecoder":
+        P = prompt_cache.layers[0].get_seq_length()
+        capacity = -(-(P + max_new_tokens) // 64) * 64  # round up, so that prompts of similar length share one
+        key = (id(model), rows, capacity, compile)
+        if key not in cls._cache:
+            cls._cache = {k: v for k, v in cls._cache.items() if k[0] == id(model)}  # one model at a time
+            cls._cache[key] = cls(model, prompt_cache, rows, capacity, compile)
+        return cls._cache[key]
+
+    def __init__(self, model, prompt_cache: Cache, rows: int, capacity: int, compile: bool):
+        first = prompt_cache.layers[0].keys
+        self.slot = torch.zeros(1, dtype=torch.long, device=first.device)  # where this step's keys/values go
+        self.cache = Cache(layers=[FixedLayer(layer.keys.new_zeros(rows, layer.keys.shape[1], capacity, layer.keys.shape[3]),
+                                              layer.values.new_zeros(rows, layer.values.shape[1], capacity,
+                                                                     layer.values.shape[3]), self.slot)
+                                   for layer in prompt_cache.layers])
+        self.mask = torch.zeros(rows, 1, 1, capacity, dtype=torch.bool, device=first.device)  # (B, 1, q=1, capacity)
+        self.position = torch.zeros(rows, 1, dtype=torch.long, device=first.device)
+        self.tokens_in = torch.zeros(rows, 1, dtype=torch.long, device=first.device)
+        self.step = lambda: forward_step(model, self.tokens_in, self.cache, self.mask, self.position)  # noqa: E731
+        if compile:
+            self.step = torch.compile(self.step, mode="reduce-overhead")
+
+    def run(self, prompt_cache: Cache, logits: torch.Tensor, max_new_tokens: int, temperature: float,
+            eos_ids: list[int], generator: torch.Generator | None = None) -> list[list[int]]:
+        rows, P = logits.shape[0], prompt_cache.layers[0].get_seq_length()
+        for fixed, layer in zip(self.cache.layers, prompt_cache.layers):  # the prompt, in every row
+            fixed.k_buf[:, :, :P], fixed.v_buf[:, :, :P] = layer.keys, layer.values
+        self.mask.zero_()
+        self.mask[..., :P] = True
+        self.slot.fill_(P)
+        self.position.fill_(P)
+        eos = torch.tensor(sorted(eos_ids), device=logits.device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+        completions: list[list[int]] = [[] for _ in range(rows)]
+        for i in range(max_new_tokens):
+            tokens = pick_tokens(logits, temperature, generator)
+            for row, (tok, done) in enumerate(zip(tokens.tolist(), finished.tolist())):
+                if not done:
+                    completions[row].append(tok)
+            finished |= torch.isin(tokens, eos)
+            if i == max_new_tokens - 1 or bool(finished.all()):
+                break
+            self.tokens_in.copy_(tokens[:, None])
+            self.mask.index_fill_(3, self.slot, True)
+            logits = self.step().clone()  # clone: the next replay of a captured graph overwrites its output
+            self.slot += 1
+            self.position += 1
+        return completions
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -144,8 +226,11 @@ def sample(
     eos_ids: list[int],
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    static: bool = False,
 ) -> list[list[int]]:
-    """n completions of one prompt: one shared prefill, its cache repeated per row, chunks of <= chunk_size rows."""
+    """n completions of one prompt: one shared prefill, its cache repeated per row, chunks of <= chunk_size rows.
+
+    static=True decodes with fixed shapes and, on CUDA, under torch.compile with CUDA graphs (`decode_static`)."""
     device = next(model.parameters()).device
     prompt = torch.as_tensor(prompt_ids, device=device).view(1, -1)  # (1, P)
     prompt_cache = new_cache(model, capacity=prompt.shape[1])
@@ -154,6 +239,11 @@ def sample(
     completions: list[list[int]] = []
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
+        if static:
+            decoder = StaticDecoder.get(model, prompt_cache, rows, max_new_tokens, compile=device.type == "cuda")
+            completions += decoder.run(prompt_cache, first_logits.expand(rows, -1), max_new_tokens, temperature,
+                                       eos_ids, generator)
+            continue
         capacity = prompt.shape[1] + max_new_tokens
         cache = Cache(layers=[layer.repeat_rows(rows, capacity) for layer in prompt_cache.layers])  # (rows, h, P, d)
         completions += decode(model, cache, first_logits.expand(rows, -1), max_new_tokens, temperature,
