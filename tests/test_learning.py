@@ -4,32 +4,12 @@ The toy task asks for the integer that the random tiny model already writes most
 percent of samples); the reward is the paper's (last integer == answer). A rise from that base rate
 to several times it within a few hundred steps shows that the signs and the plumbing are right.
 """
-import collections
 import json
 
 import pytest
-import torch
 
 import train
-from tinyrl.model import load_model
-from tinyrl.sampling import sample
-from tinyrl.tasks import Problem, Task, parse_answer
-
-PROMPT = "Problem: Write a number.\nAnswer:"
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    from tiny import save_tiny
-
-    path = save_tiny(str(tmp_path_factory.mktemp("toy") / "model"), init_std=0.2)  # logits that can grow peaked
-    model, tok = load_model(path, device="cpu")
-    ids = tok(PROMPT).input_ids
-    draws = sample(model, ids, 400, 2, 1.0, [0, 2], torch.Generator().manual_seed(0))
-    counts = collections.Counter(parse_answer(tok.decode(c, skip_special_tokens=True)) for c in draws)
-    answer, hits = next((a, n) for a, n in counts.most_common() if a is not None)
-    return path, Problem("toy", PROMPT, ids, answer), hits / len(draws)
-
+from tinyrl.tasks import Task
 
 # toy settings: a high lr and temperature 1 so that a few hundred tiny steps suffice
 SETTINGS = {

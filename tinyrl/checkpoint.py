@@ -81,7 +81,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
         state.setdefault(int(pid), {})[key] = value
     for pid, scalars in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(scalars)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+              for g in meta["param_groups"]]  # JSON made tuples (AdamW's betas) into lists
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_checkpoint(run_dir: str, step: int, model, optimizer, state: dict, tensors: dict[str, torch.Tensor],

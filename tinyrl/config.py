@@ -153,8 +153,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str | None]:
         path = os.path.join(resume, "config.json")
         if not os.path.isfile(path):
             raise UserError(f"--resume {resume}: no config.json there, so it is not a tinyrl run directory")
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            Config(**saved)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"--resume {resume}: config.json is damaged or from another version ({e})") from None
         differ = [f"--{k.replace('_', '-')} {given[k]} (run has {saved.get(k)})" for k in given
                   if k not in RESUMABLE and given[k] != saved.get(k)]
         if differ:

@@ -55,7 +55,7 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
     except OSError as e:  # hub unreachable, unknown repo, or a folder without model files
         where = "folder" if os.path.isdir(path) else "hub id"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise UserError(
             f"could not load model {name!r} ({where}): {first}. Offline? Pass a local folder or .gguf file with --model"
         ) from None

@@ -154,22 +154,25 @@ def _download(url: str, path: str, sha256: str | None) -> None:
 
 def svamp_records(path: str | None = None, sha256: str | None = SVAMP_SHA256) -> list[dict]:
     """SVAMP.json's 1000 records: from `path`, or downloaded once into the cache dir. sha256=None skips the check."""
-    if path is None:
+    cached = path is None
+    if cached:
         path = os.path.join(cache_dir(), "SVAMP.json")
         if not os.path.exists(path):
             _download(SVAMP_URL, path, sha256)
     if not os.path.isfile(path):
         raise UserError(f"SVAMP file {path} does not exist")
     if sha256 and (digest := _sha256(path)) != sha256:
-        raise UserError(f"SVAMP file {path} has sha256 {digest[:12]}..., expected {sha256[:12]}...: it is damaged "
-                        f"or another version (delete it to download again, or pass --svamp-sha256 none)")
+        fix = "delete it to download it again" if cached else "pass --svamp-sha256 none to use it anyway"
+        raise UserError(f"SVAMP file {path} has sha256 {digest[:12]}..., expected {sha256[:12]}... (the published "
+                        f"SVAMP.json): it is damaged or another version; {fix}")
     try:
         with open(path) as f:
             records = json.load(f)
         for r in records:
             if float(r["Answer"]) != int(float(r["Answer"])) or not isinstance(r["ID"], str):
                 raise ValueError(f"record {r.get('ID')} has a non-integral answer")
-            r["Body"].strip(), r["Question"].strip()
+            if not (isinstance(r["Body"], str) and isinstance(r["Question"], str)):
+                raise ValueError(f"record {r['ID']} has no text")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"SVAMP file {path} is malformed: {type(e).__name__}: {e}") from None
     return records
