@@ -44,7 +44,10 @@ def test_mult_test_set_fixed_and_disjoint_from_training(tiny):
         assert tuple(sorted((a, b))) not in held and 101 <= a <= 999 and 101 <= b <= 999
         assert p.answer == a * b
     small = mult_task(tok, "2x1")
-    assert len(small.test) == 89 * 8 // 4 and len(small.val) == 89 * 8 // 4  # capped: half the pairs stay for training
+    assert len(small.test) == 89 * 8 // 3 and len(small.val) == 89 * 8 // 3  # capped: a third stays for training
+    rng = random.Random(1)
+    held_small = {p.id for p in small.test + small.val}
+    assert all(small.train(rng).id not in held_small for _ in range(2000))
 
 
 def test_chat_template_and_plain_prompts(tiny):

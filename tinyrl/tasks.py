@@ -91,10 +91,10 @@ def mult_task(tokenizer, digits: str = "3x3", test_n: int = 3000, val_n: int = 5
     """A×B with operands uniform in the digit ranges. Test (fixed seed) and val are never drawn for training.
 
     A pair and its swap count as the same problem. When the ranges hold few pairs, test and val
-    shrink so that together they take at most half of them."""
+    each take at most a third of them, so a third is always left for training."""
     (a_lo, a_hi), (b_lo, b_hi) = parse_digits(digits)
     space = (a_hi - a_lo + 1) * (b_hi - b_lo + 1)
-    test_n, val_n = min(test_n, space // 4), min(val_n, space // 4)
+    test_n, val_n = min(test_n, space // 3), min(val_n, space // 3)
     draw_pair = lambda rng: (rng.randint(a_lo, a_hi), rng.randint(b_lo, b_hi))  # noqa: E731
     key = lambda a, b: (min(a, b), max(a, b))  # noqa: E731
 
