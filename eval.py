@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from tinyrl import dist
 from tinyrl.cli import ArgParser, UserError, run_main
 from tinyrl.evaluate import evaluate
 from tinyrl.lora import load_adapter
@@ -22,7 +23,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="Qwen/Qwen2-1.5B", help="hub id, local folder, or .gguf file")
     p.add_argument("--adapter", help="a LoRA adapter folder (PEFT layout), e.g. runs/NAME/best")
     p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--n", type=int, help="evaluate only the first N problems of the split")
+    p.add_argument("--n", "--limit", dest="n", type=int,
+                   help="evaluate only the first N problems of the split (under torchrun write --limit: "
+                        "torchrun takes --n for one of its own flags)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=300)
@@ -46,7 +49,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.out and os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; give a file name such as results.jsonl")
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
+    _, _, device = dist.setup(args.device)  # under torchrun the problems are split across ranks
+    model, tokenizer = load_model(args.model, args.dtype, device)
     if args.adapter:
         load_adapter(model, args.adapter)
     task = load_task(args.task, tokenizer, args.digits, args.svamp_file,
@@ -56,7 +60,10 @@ def main(argv=None) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     eos = eos_ids(model, tokenizer)
     result = evaluate(model, tokenizer, problems, eos, pad_id(tokenizer, eos), args.batch_size,
-                      args.max_new_tokens, args.temperature, generator, desc=f"{task.name} {args.split}")
+                      args.max_new_tokens, args.temperature, generator, progress=dist.rank() == 0,
+                      desc=f"{task.name} {args.split}")
+    if dist.rank() != 0:
+        return 0
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -18,29 +18,38 @@ def find_smollm2() -> str | None:
     return None
 
 
-def random_qwen2(vocab_size: int = 32000, hidden: int = 768, layers: int = 12, seed: int = 0):
-    """A randomly initialised Qwen2 of about 100M parameters (nothing to download)."""
+def random_qwen2(shape: str | None = None, seed: int = 0, device: str | None = None):
+    """A randomly initialised Qwen2 (nothing to download): about 100M parameters, or a config that
+    tinyrl.memory knows by name (e.g. "Qwen/Qwen2-1.5B"), built directly on the device."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=2,
-                      max_position_embeddings=4096, tie_word_embeddings=True)
+    from tinyrl.memory import KNOWN
+
+    if shape:
+        k = {key: v for key, v in KNOWN[shape].items() if key != "bias"}
+        cfg = Qwen2Config(**k, max_position_embeddings=32768)
+    else:
+        cfg = Qwen2Config(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+                          tie_word_embeddings=True)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.device(device or "cpu"):
+        model = Qwen2ForCausalLM(cfg).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
-def load_bench_model(path: str | None, device: str | None = None):
-    """(model, tokenizer or None, description): SmolLM2 GGUF when present, else a random ~100M Qwen2."""
-    from tinyrl.model import load_model
+def load_bench_model(path: str | None, device: str | None = None, random_shape: str | None = None):
+    """(model, tokenizer or None, description): a random Qwen2 of `random_shape` if given, else the SmolLM2
+    GGUF when present, else a random ~100M Qwen2."""
+    from tinyrl.model import load_model, pick_device
 
-    path = path or find_smollm2()
+    path = None if random_shape else (path or find_smollm2())
     if path:
         model, tok = load_model(path, device=device)
         return model, tok, f"SmolLM2-135M-Instruct ({os.path.basename(path)}, dequantized to float32)"
-    model = random_qwen2()
+    model = random_qwen2(random_shape, device=str(pick_device(device)))
     n = sum(p.numel() for p in model.parameters())
-    return model, None, f"random Qwen2 ({n / 1e6:.0f}M parameters; SmolLM2 GGUF not found)"
+    return model, None, f"random Qwen2 {random_shape or ''} ({n / 1e6:.0f}M parameters, random weights)"

@@ -23,8 +23,9 @@ def main():
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--device", default=None)
+    p.add_argument("--random", help="a random-weight model of this config instead, e.g. Qwen/Qwen2-1.5B")
     args = p.parse_args()
-    model, tok, desc = load_bench_model(args.model, args.device)
+    model, tok, desc = load_bench_model(args.model, args.device, args.random)
     device = next(model.parameters()).device
     if tok is not None:
         from tinyrl.tasks import mult_problem

@@ -44,6 +44,7 @@ def completions_with_shared_prefixes(n: int, length: int, vocab: int, seed: int)
 def one(args) -> dict:
     """Run one update in this process and return its measurements."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tinyrl.lora import inject_lora, lora_parameters
@@ -51,14 +52,19 @@ def one(args) -> dict:
     from tinyrl.update import grpo_backward, tspmo_backward
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = Qwen2Config(vocab_size=QWEN2_VOCAB, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    inject_lora(model, rank=8, fraction=0.25)
+    if args.shape:  # e.g. Qwen/Qwen2-1.5B with random weights, built directly on the device
+        from common import random_qwen2
+
+        model = random_qwen2(args.shape, device=str(device))
+    else:
+        cfg = Qwen2Config(vocab_size=QWEN2_VOCAB, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
+                          tie_word_embeddings=True)
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(cfg).to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+    inject_lora(model, rank=8, fraction=0.25)  # the paper's mult LoRA
     G = 50 if args.algo == "tspmo" else 8
     completions = completions_with_shared_prefixes(G, args.max_new_tokens, QWEN2_VOCAB, seed=1)
     rewards = [float(i % 3 == 0) for i in range(G)]
@@ -97,6 +103,7 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--device")
+    p.add_argument("--shape", help="a random-weight model of this config, e.g. Qwen/Qwen2-1.5B (see tinyrl.memory)")
     p.add_argument("--algo", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -107,8 +114,11 @@ def main():
               str(args.max_new_tokens), "--max-batch-tokens", str(args.max_batch_tokens)]
     if args.device:
         common += ["--device", args.device]
-    print(f"random Qwen2: vocab {QWEN2_VOCAB}, hidden {args.hidden}, {args.layers} layers, LoRA r=8 on the last 1/4; "
-          f"completions of {args.max_new_tokens} tokens; --max-batch-tokens {args.max_batch_tokens}")
+    if args.shape:
+        common += ["--shape", args.shape]
+    model = args.shape or f"Qwen2 with vocab {QWEN2_VOCAB}, hidden {args.hidden}, {args.layers} layers"
+    print(f"random-weight {model}, LoRA r=8 on the last 1/4; completions of {args.max_new_tokens} tokens; "
+          f"--max-batch-tokens {args.max_batch_tokens}")
     rows = {}
     for algo in ("grpo", "sgrpo", "tspmo"):
         for mode in ("full", "selective"):
@@ -123,7 +133,8 @@ def main():
     for algo in ("grpo", "sgrpo", "tspmo"):
         f, s = rows[algo, "full"], rows[algo, "selective"]
         print(f"{algo:<7}{s['tokens_in_loss']:>15}{f['update_mb']:>16.0f}{s['update_mb']:>14.0f}"
-              f"{s['update_mb'] / f['update_mb']:>8.2f}{f['seconds']:>8.1f}{s['seconds']:>8.1f}")
+              f"{s['update_mb'] / f['update_mb']:>8.2f}{f['seconds']:>8.1f}{s['seconds']:>8.1f}"
+              + (f"   selective peak {s['peak_mb'] / 1024:.1f} GiB" if s["device"] == "cuda" else ""))
 
 
 if __name__ == "__main__":

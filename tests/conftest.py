@@ -55,3 +55,30 @@ def toy_task(toy, monkeypatch):
     path, problem, _ = toy
     monkeypatch.setattr(train, "load_task", lambda *a, **k: Task("toy", lambda rng: problem, [problem], [problem]))
     return path
+
+
+@pytest.fixture(scope="session")
+def toy_svamp(toy, tmp_path_factory):
+    """(model folder, flags): the toy as an SVAMP-format file, so subprocesses (torchrun) get varied rewards."""
+    import collections
+    import hashlib
+    import json
+
+    import torch
+
+    from tinyrl.model import load_model
+    from tinyrl.sampling import sample
+    from tinyrl.tasks import parse_answer, svamp_problem
+
+    path = toy[0]
+    model, tok = load_model(path, device="cpu")
+    record = {"ID": "toy-0", "Body": "Write a number.", "Question": "Which?", "Answer": 0.0}
+    ids = svamp_problem(tok, record).prompt_ids
+    draws = sample(model, ids, 1000, 4, 1.0, [0, 2], torch.Generator().manual_seed(0))  # use --max-new-tokens 4
+    counts = collections.Counter(parse_answer(tok.decode(c, skip_special_tokens=True)) for c in draws)
+    answer = next(a for a, _ in counts.most_common() if a is not None)  # ~3% of samples
+    records = [{**record, "ID": f"toy-{i}", "Answer": float(answer)} for i in range(10)]
+    file = tmp_path_factory.mktemp("toysvamp") / "svamp.json"
+    file.write_text(json.dumps(records))
+    sha = hashlib.sha256(file.read_bytes()).hexdigest()
+    return path, ["--task", "svamp", "--svamp-file", str(file), "--svamp-sha256", sha]

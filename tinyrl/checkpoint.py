@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints of a training run: safetensors for tensors, JSON for the rest, no pickle.
+"""The run directory on disk: crash-safe checkpoints (safetensors + JSON, no pickle) and the JSONL logs.
 
 A checkpoint is a folder `checkpoints/step-NNNNNN/` holding the adapter (PEFT layout), the
 optimizer state and every random stream. It is written to a temporary folder, fsynced, then
@@ -147,3 +147,26 @@ def load_checkpoint(path: str, model, optimizer) -> tuple[dict, dict[str, torch.
     load_optimizer(optimizer, {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")},
                    state.pop("optimizer"))  # load_state_dict moves the state to each parameter's device
     return state, {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+    """Drop lines logged after `last_step` (and any torn last line): they are redone after a resume."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    keep.append(line)
+            except (ValueError, KeyError):
+                break
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def append_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.flush()

@@ -26,12 +26,14 @@ def run_main(main: Callable[[], int | None], oom_hint: str = "--batch-size") -> 
     """Run a CLI entry point, turning UserError and CUDA out-of-memory into one line and exit code 2."""
     import torch
 
+    from tinyrl.dist import finish
+
     try:
         code = main()
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+        code = 2
     except torch.OutOfMemoryError:
         sys.stderr.write(f"error: out of GPU memory; lower {oom_hint} (python -m tinyrl.memory suggests values)\n")
-        sys.exit(2)
-    sys.exit(code or 0)
+        code = 2
+    finish(code or 0)  # sys.exit; under torchrun, also leaves the process group cleanly

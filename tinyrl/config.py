@@ -67,6 +67,7 @@ class Config:
     # memory and speed
     chunk_size: int | None = F(None, "sampler rows decoded at once (default: all |G|)")
     static_cache: bool = F(False, "sample with fixed shapes; on CUDA under torch.compile with CUDA graphs")
+    parallel: str = F("group", "under torchrun: group (split one prompt's |G|) | prompts (a prompt per rank)")
     max_batch_tokens: int = F(8192, "token budget of one training forward pass")
     dtype: str = F("float32", "float32 (paper) | bfloat16 | float16")
     device: str | None = F(None, "cpu, cuda, cuda:1, ... (default: CUDA when present)")
@@ -90,7 +91,7 @@ def preset(algo: str, task: str) -> dict:
 
 # fields that may change when a run resumes; the others define the run and must stay as they were
 RESUMABLE = {"steps", "eval_every", "save_every", "keep", "device", "max_bad_steps", "test_n", "eval_batch_size",
-             "out"}
+             "out", "parallel"}
 
 
 def _check(cfg: Config) -> None:
@@ -138,7 +139,7 @@ def _parser() -> ArgParser:
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         choices = {"algo": ["grpo", "sgrpo", "tspmo"], "task": ["mult", "svamp"],
-                   "dtype": ["float32", "bfloat16", "float16"]}.get(f.name)
+                   "dtype": ["float32", "bfloat16", "float16"], "parallel": ["group", "prompts"]}.get(f.name)
         p.add_argument(flag, type=kind, choices=choices, help=f.metadata["help"])
     return p
 

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from tinyrl import dist
 from tinyrl.sampling import generate_batch
 from tinyrl.tasks import Problem, parse_answer
 
@@ -35,13 +36,17 @@ def evaluate(
 ) -> dict:
     """Return {"accuracy", "ci95", "n", "correct", "tokens", "seconds", "tokens_per_s", "records"}.
 
-    Each record: id, prompt, completion, parsed, answer, correct. Greedy by default (SPEC §3 DECIDED)."""
+    Each record: id, prompt, completion, parsed, answer, correct. Greedy by default (SPEC §3 DECIDED).
+    Under torchrun each rank takes every world-th problem and all ranks get every record, in order."""
     from tqdm.auto import tqdm
 
+    rank, world = dist.rank(), dist.world()
+    order = list(range(len(problems)))[rank::world]
+    mine = [problems[i] for i in order]
     records, tokens, start = [], 0, time.perf_counter()
-    bar = tqdm(total=len(problems), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for i in range(0, len(problems), batch_size):
-        batch = problems[i:i + batch_size]
+    bar = tqdm(total=len(mine), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for i in range(0, len(mine), batch_size):
+        batch = mine[i:i + batch_size]
         outs = generate_batch(model, [p.prompt_ids for p in batch], max_new_tokens, temperature, eos_ids, pad_id,
                               generator)
         for p, ids in zip(batch, outs):
@@ -54,6 +59,10 @@ def evaluate(
         bar.update(len(batch))
         bar.set_postfix(acc=f"{correct / len(records):.3f}")
     bar.close()
+    if world > 1:
+        gathered = dist.gather(list(zip(order, records)))
+        records = [r for _, r in sorted(gathered, key=lambda x: x[0])]
+        tokens = int(dist.total(tokens))
     seconds = time.perf_counter() - start
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(1, len(records)), "ci95": wilson_interval(correct, len(records)),

@@ -230,3 +230,13 @@ def load_adapter(model: nn.Module, path: str) -> list[str]:
                 p.copy_(t)
             m.scaling = cfg["lora_alpha"] / cfg["r"]
     return list(modules)
+
+
+def adapter_digest(model: nn.Module) -> str:
+    """sha256 of the LoRA weights' bytes: processes that stayed in step (torchrun ranks) have the same one."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in lora_parameters(model):
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -100,6 +100,8 @@ def grpo_backward(
 
     Each completion's loss is divided by |G| (Algorithm 2), times `scale` (1/prompts per step)."""
     G, (rank, world) = len(completions), shard
+    # DEVIATION: Algorithm 2 runs one forward+backward per completion; we pack completions into passes under
+    # max_batch_tokens (a budget of one completion is Algorithm 2). The gradient is the same sum either way.
     mine = {i: len(prompt_ids) + max(positions[i]) for i in range(G) if positions[i] and i % world == rank}
     stats = {"loss": 0.0, "kl": 0.0, "tokens_in_loss": 0, "forward_tokens": 0, "forward_passes": 0}
     for batch in pack(mine, max_batch_tokens):
