@@ -1,12 +1,15 @@
 """Sampling with a KV cache, written out by hand (SPEC §3): no `model.generate`.
 
 `sample` draws n completions of ONE prompt: the prompt is prefilled once, its cache is repeated
-per row, finished rows leave the batch, and at most `chunk_size` rows decode at a time.
-`generate_batch` completes different prompts side by side (left padding, for evaluation).
-Temperature 0 is greedy. Completions come back as token lists that keep the EOS that ended them.
+per row, finished rows leave the batch, and at most `chunk_size` rows decode at a time. Keys and
+values go into preallocated buffers (no per-step concatenation), and tokens are drawn by inverting
+the cumulative distribution. `generate_batch` completes different prompts side by side (left
+padding, for evaluation). Temperature 0 is greedy. Completions come back as token lists that keep
+the EOS that ended them. `StaticDecoder` is the fixed-shape variant for CUDA graphs (--static-cache).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -15,7 +18,12 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 def _cache_kwarg(model) -> str:
     """transformers 5.x renamed `past_key_values` to `cache`; accept either."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return _cache_kwarg_of(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(model_class) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -230,7 +238,7 @@ def sample(
 ) -> list[list[int]]:
     """n completions of one prompt: one shared prefill, its cache repeated per row, chunks of <= chunk_size rows.
 
-    static=True decodes with fixed shapes and, on CUDA, under torch.compile with CUDA graphs (`decode_static`)."""
+    static=True decodes with fixed shapes and, on CUDA, under torch.compile with CUDA graphs (`StaticDecoder`)."""
     device = next(model.parameters()).device
     prompt = torch.as_tensor(prompt_ids, device=device).view(1, -1)  # (1, P)
     prompt_cache = new_cache(model, capacity=prompt.shape[1])
