@@ -41,15 +41,18 @@ def random_qwen2(shape: str | None = None, seed: int = 0, device: str | None = N
     return model
 
 
-def load_bench_model(path: str | None, device: str | None = None, random_shape: str | None = None):
+def load_bench_model(path: str | None, device: str | None = None, random_shape: str | None = None,
+                     dtype: str = "float32"):
     """(model, tokenizer or None, description): a random Qwen2 of `random_shape` if given, else the SmolLM2
-    GGUF when present, else a random ~100M Qwen2."""
+    GGUF when present, else a random ~100M Qwen2; in `dtype`."""
+    import torch
+
     from tinyrl.model import load_model, pick_device
 
     path = None if random_shape else (path or find_smollm2())
     if path:
-        model, tok = load_model(path, device=device)
-        return model, tok, f"SmolLM2-135M-Instruct ({os.path.basename(path)}, dequantized to float32)"
-    model = random_qwen2(random_shape, device=str(pick_device(device)))
+        model, tok = load_model(path, dtype=dtype, device=device)
+        return model, tok, f"SmolLM2-135M-Instruct ({os.path.basename(path)}, dequantized to {dtype})"
+    model = random_qwen2(random_shape, device=str(pick_device(device))).to(getattr(torch, dtype))
     n = sum(p.numel() for p in model.parameters())
-    return model, None, f"random Qwen2 {random_shape or ''} ({n / 1e6:.0f}M parameters, random weights)"
+    return model, None, f"random Qwen2 {random_shape or ''} ({n / 1e6:.0f}M parameters, random weights, {dtype})"

@@ -1,6 +1,6 @@
 """tinyrl's sampler against Hugging Face `generate`: one prompt, n completions, equal work.
 
-    python bench/sampling.py [--model FILE.gguf] [--n 50] [--max-new-tokens 300]
+    python bench/sampling.py [--model FILE.gguf] [--n 50] [--max-new-tokens 300] [--dtype bfloat16]
 
 Both sides sample at temperature 0.3 from the same model and prompt, ignore EOS (every row runs
 to max_new_tokens, so the token counts are equal) and use no top-k/top-p. Prints tokens/s and the
@@ -24,8 +24,9 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--device", default=None)
     p.add_argument("--random", help="a random-weight model of this config instead, e.g. Qwen/Qwen2-1.5B")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both samplers use it")
     args = p.parse_args()
-    model, tok, desc = load_bench_model(args.model, args.device, args.random)
+    model, tok, desc = load_bench_model(args.model, args.device, args.random, args.dtype)
     device = next(model.parameters()).device
     if tok is not None:
         from tinyrl.tasks import mult_problem

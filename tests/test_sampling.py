@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tinyrl.lora import inject_lora, lora_modules
-from tinyrl.sampling import forward_step, generate_batch, new_cache, sample
+from tinyrl.sampling import cpu_decode_attention, decode_attention, forward_step, generate_batch, new_cache, sample
 
 EOS = [0, 2]
 
@@ -42,6 +42,36 @@ def test_generate_batch_equals_hf_generate(lora_model):
     ps = prompts(tokenizer)
     assert len({len(p) for p in ps}) > 1  # left padding is exercised
     assert generate_batch(model, ps, 40, 0.0, EOS, pad_id=0) == [hf_greedy(model, p, 40) for p in ps]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
+def test_decode_attention_equals_sdpa(dtype, mask_kind):
+    """The CPU decode attention against torch's SDPA in float64: GQA (6 heads on 2), padding masks of both kinds."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 6, 1, 16, generator=g).to(dtype)
+    k, v = (torch.randn(5, 2, 9, 16, generator=g).to(dtype) for _ in range(2))
+    keep = torch.ones(5, 1, 1, 9, dtype=torch.bool)
+    keep[1, ..., :3] = keep[4, ..., :1] = False  # left padding in two rows
+    mask = {None: None, "bool": keep, "float": torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, -1e9)}[mask_kind]
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    out, _ = decode_attention(module, q, k, v, mask)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1),
+        attn_mask=None if mask_kind is None else keep)
+    assert out.dtype == dtype and out.shape == (5, 1, 6, 16)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bfloat16: the exact result, rounded once
+    assert torch.allclose(out.double(), expected.transpose(1, 2), atol=tol, rtol=tol)
+
+
+def test_cpu_decode_attention_is_scoped(lora_model):
+    model, _ = lora_model
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), cpu_decode_attention(model):
+        assert model.config._attn_implementation == "tinyrl_decode"
+        raise RuntimeError
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_kv_cache_logits_equal_full_forward(lora_model):
