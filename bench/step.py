@@ -1,6 +1,6 @@
 """Seconds per training step of each algorithm, by phase, and the FLOP/s they reach.
 
-    python bench/step.py [--model FILE.gguf] [--steps 3] [--digits 2x1]
+    python bench/step.py [--model FILE.gguf] [--steps 3] [--digits 2x1] [--dtype bfloat16]
 
 Runs train.py's own loop (paper presets; no evaluation) for a few steps per algorithm and reads
 its metrics. FLOPs are counted from the tokens each phase processed: 2 x parameters per token for
@@ -25,8 +25,8 @@ import train
 from tinyrl.memory import load_shape
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     if device.type == "cuda":
@@ -45,6 +45,7 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--digits", default="2x1")
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args()
     model = args.model or find_smollm2()
     if model is None:
@@ -54,8 +55,9 @@ def main():
     body = shape.params() - V * H * (1 if shape.tie_word_embeddings else 2)  # decoder layers
     layer = body / L
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    peak = matmul_peak(device)
-    print(f"model {os.path.basename(model)}; {device}; dense fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
+    peak = matmul_peak(device, getattr(torch, args.dtype))
+    print(f"model {os.path.basename(model)} in {args.dtype}; {device}; "
+          f"dense {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s; "
           f"mult {args.digits}, paper presets, {args.steps} steps each\n")
     print(f"{'algo':<7}{'s/step':>8}{'sample':>8}{'reward':>8}{'loss':>8}{'optim':>8}{'replay':>8}"
           f"{'sampler GFLOP/s':>17}{'update GFLOP/s':>16}")
@@ -63,7 +65,7 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "run")
             flags = ["--algo", algo, "--task", "mult", "--digits", args.digits, "--model", model, "--steps",
-                     str(args.steps), "--eval-every", "0", "--test-n", "0", "--out", out]
+                     str(args.steps), "--eval-every", "0", "--test-n", "0", "--dtype", args.dtype, "--out", out]
             if args.device:
                 flags += ["--device", args.device]
             with contextlib.redirect_stdout(io.StringIO()):

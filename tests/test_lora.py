@@ -30,6 +30,23 @@ def test_output_unchanged_at_init(tiny):
     assert torch.equal(logits(model), before)
 
 
+def test_bf16_model_gets_float32_adapters_that_learn(tiny):
+    """On a bfloat16 base the adapters stay float32 (Adam's steps survive) and the output stays bfloat16."""
+    model, _ = tiny
+    model.to(torch.bfloat16)
+    before = logits(model)
+    inject_lora(model, rank=4, fraction=0.5)
+    assert all(p.dtype == torch.float32 for p in lora_parameters(model))
+    assert torch.equal(logits(model), before) and before.dtype == torch.bfloat16
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    for _ in range(2):  # step 1 moves B off zero, step 2 lets A's gradient through
+        opt.zero_grad()
+        model(IDS).logits[0, -1, 7].float().backward()
+        opt.step()
+    assert all(m.lora_B.abs().max() > 5e-5 for m in lora_modules(model).values())  # Adam moved B by ~lr a step
+    assert not torch.equal(logits(model), before)
+
+
 def test_only_lora_parameters_train(tiny):
     model, _ = tiny
     inject_lora(model, rank=4, fraction=0.5)

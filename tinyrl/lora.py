@@ -29,9 +29,10 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float):
         super().__init__()
         self.base_layer = base_layer
-        w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, dtype=w.dtype, device=w.device))
+        device = base_layer.weight.device
+        # float32 whatever the base dtype: bf16 adapters would lose Adam's small steps to rounding (as PEFT)
+        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, rank, dtype=torch.float32, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as loralib and PEFT
         self.scaling = alpha / rank
         self.enabled = True  # False inside `disable_lora`: the reference policy
@@ -40,7 +41,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base_layer(x)
         if self.enabled and not self.merged:
-            h = h + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling  # h = W0x + (alpha/r)·BAx
+            h = h + ((x.float() @ self.lora_A.T @ self.lora_B.T) * self.scaling).to(h.dtype)  # h = W0x + (alpha/r)·BAx
         return h
 
     def delta_weight(self) -> torch.Tensor:

@@ -92,7 +92,7 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
     n_lora = max(1, round(lora_fraction * L))
     weights = shape.params() * b
     lora_params = n_lora * lora_rank * ((H + q) + (H + kv))  # A and B of q_proj and v_proj
-    lora_state = lora_params * b * 4  # weights, gradients, two AdamW moments
+    lora_state = lora_params * 4 * 4  # float32 in any dtype: weights, gradients, two AdamW moments
 
     seq = prompt_tokens + max_new_tokens
     rows = min(chunk_size or group_size, group_size)
@@ -102,8 +102,11 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
 
     tokens = min(max(1, max_batch_tokens // seq), group_size) * seq  # rows of one forward pass x their length
     # saved per token in a LoRA layer (counted with torch.autograd.graph.saved_tensors_hooks): the two norm
-    # inputs and the LoRA input (3H), q and the attention output (2q), k and v (2kv), gate, up, SiLU(gate) (3I)
-    saved_per_token = (3 * H + 2 * q + 2 * kv + 3 * I + 2 * lora_rank) * b
+    # inputs (2H), q and the attention output (2q), k and v (2kv), gate, up, SiLU(gate) (3I); and, in float32
+    # whatever the dtype, the two rank-r products and the LoRA input: the norm output itself in a float32
+    # model, else one float32 copy of it per adapted projection (q and v)
+    lora_inputs = H if b == 4 else 2 * H
+    saved_per_token = (2 * H + 2 * q + 2 * kv + 3 * I) * b + (lora_inputs + 2 * lora_rank) * 4
     activations = n_lora * saved_per_token * tokens
     transient = tokens * (3 * I + 2 * H) * b  # one layer's working tensors (and its gradients in backward)
     head = HEAD_CHUNK * V * 4 * 4  # one chunk's recomputed logits, exp inside logsumexp, softmax, logits' gradient
