@@ -1,6 +1,6 @@
 """tinyrl's sampler against Hugging Face `generate`: one prompt, n completions, equal work.
 
-    python bench/sampling.py [--model FILE.gguf] [--n 50] [--max-new-tokens 300] [--dtype bfloat16]
+    python bench/sampling.py [--model FILE.gguf] [--n 50] [--max-new-tokens 300] [--dtype bfloat16] [--profile]
 
 Both sides sample at temperature 0.3 from the same model and prompt, ignore EOS (every row runs
 to max_new_tokens, so the token counts are equal) and use no top-k/top-p. Prints tokens/s and the
@@ -25,6 +25,7 @@ def main():
     p.add_argument("--device", default=None)
     p.add_argument("--random", help="a random-weight model of this config instead, e.g. Qwen/Qwen2-1.5B")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both samplers use it")
+    p.add_argument("--profile", action="store_true", help="then: where tinyrl's sampling time goes, by operator")
     args = p.parse_args()
     model, tok, desc = load_bench_model(args.model, args.device, args.random, args.dtype)
     device = next(model.parameters()).device
@@ -67,6 +68,16 @@ def main():
     for name, tokens, seconds, rate in rows:
         print(f"{name:<16}{tokens:>8}{seconds:>10.2f}{rate:>11.1f}")
     print(f"\ntinyrl / HF generate: {rows[1][3] / rows[0][3]:.2f}x")
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            run_tinyrl(L)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        print("\nshare of tinyrl's sampling time (self CPU time per operator):")
+        for e in ops[:6]:
+            print(f"  {e.key:<52}{100 * e.self_cpu_time_total / total:>6.1f}%")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ of N, Table IV's setting.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -103,8 +104,6 @@ def finish(code: int) -> None:
     shuts down, and releasing them then aborts the process (SIGABRT, "terminate called without an active
     exception"; pytorch/pytorch#190489, #179291): about 1 run in 12 here. So a rank leaves the group,
     flushes, and exits without the interpreter's own shutdown. In one process this is plain sys.exit."""
-    import sys
-
     if not dist.is_initialized():
         sys.exit(code)
     cleanup()

@@ -8,6 +8,7 @@ Adapters are saved in PEFT's on-disk layout, so PEFT and vLLM can load them, wit
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -235,8 +236,6 @@ def load_adapter(model: nn.Module, path: str) -> list[str]:
 
 def adapter_digest(model: nn.Module) -> str:
     """sha256 of the LoRA weights' bytes: processes that stayed in step (torchrun ranks) have the same one."""
-    import hashlib
-
     h = hashlib.sha256()
     for p in lora_parameters(model):
         h.update(p.detach().cpu().contiguous().numpy().tobytes())

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     shape = load_shape(args.model)
     est = predict(shape, **kw)
     if args.json:
-        print(json.dumps({k: v for k, v in est.items()}))
+        print(json.dumps(est))
         return 0
     g = lambda x: f"{x / GiB:7.2f} GiB"  # noqa: E731
     print(f"{args.model}: {shape.params() / 1e9:.2f}B parameters, {args.dtype}; {args.algo} on {args.task}, "

@@ -22,13 +22,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5.x renamed `past_key_values` to `cache`; accept either."""
-    return _cache_kwarg_of(type(model))
-
-
 @functools.lru_cache(maxsize=None)
-def _cache_kwarg_of(model_class) -> str:
+def _cache_kwarg(model_class) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache`; accept either (looked up once per class)."""
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
@@ -103,9 +99,9 @@ def decode_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     """Attention for one new token per row as two float32 matmuls; every other call goes to HF's SDPA.
 
     query (B, H, 1, d), key/value (B, kv_heads, L, d), attention_mask None or (B, 1, 1, L), bool (True =
-    attend) or additive. On CPU, torch's SDPA kernel for a single query is 5x slower than this in
-    bfloat16 and 10% slower in float32 (50 rows x 330 positions); the result is the exact attention
-    rounded once to the model's dtype."""
+    attend) or additive. On CPU, torch's SDPA kernel for a single query is 4x slower than this in
+    bfloat16 and 1.2x in float32 (50 rows x 330 positions, bench/decode_kernels.py); the result is the
+    exact attention rounded once to the model's dtype."""
     if query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -148,7 +144,7 @@ def new_cache(model, capacity: int | None = None) -> Cache:
 def forward_step(model, input_ids, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
     """Run `input_ids` (B, T) through the model, appending to `cache`; return last-position logits (B, V)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): cache})
+                use_cache=True, logits_to_keep=1, **{_cache_kwarg(type(model)): cache})
     return out.logits[:, -1].float()
 
 
@@ -185,26 +181,27 @@ def decode(
     eos = torch.tensor(sorted(eos_ids), device=logits.device)
     alive = torch.arange(rows, device=logits.device)  # original row of each row still decoding
     completions: list[list[int]] = [[] for _ in range(rows)]
-    for step in range(max_new_tokens):
-        tokens = pick_tokens(logits, temperature, generator)  # (b,)
-        for row, tok in zip(alive.tolist(), tokens.tolist()):
-            completions[row].append(tok)
-        if step == max_new_tokens - 1:
-            break
-        done = torch.isin(tokens, eos)
-        if done.any():
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
+    with cpu_decode_attention(model):
+        for step in range(max_new_tokens):
+            tokens = pick_tokens(logits, temperature, generator)  # (b,)
+            for row, tok in zip(alive.tolist(), tokens.tolist()):
+                completions[row].append(tok)
+            if step == max_new_tokens - 1:
                 break
-            alive, tokens = alive[keep], tokens[keep]
-            cache.batch_select_indices(keep)
+            done = torch.isin(tokens, eos)
+            if done.any():
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                alive, tokens = alive[keep], tokens[keep]
+                cache.batch_select_indices(keep)
+                if attention_mask is not None:
+                    attention_mask, positions = attention_mask[keep], positions[keep]
             if attention_mask is not None:
-                attention_mask, positions = attention_mask[keep], positions[keep]
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
-            positions = positions + 1
-        logits = forward_step(model, tokens[:, None], cache, attention_mask,
-                              None if positions is None else positions[:, None])
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
+                positions = positions + 1
+            logits = forward_step(model, tokens[:, None], cache, attention_mask,
+                                  None if positions is None else positions[:, None])
     return completions
 
 
@@ -299,9 +296,8 @@ def sample(
             continue
         capacity = prompt.shape[1] + max_new_tokens
         cache = Cache(layers=[layer.repeat_rows(rows, capacity) for layer in prompt_cache.layers])  # (rows, h, P, d)
-        with cpu_decode_attention(model):
-            completions += decode(model, cache, first_logits.expand(rows, -1), max_new_tokens, temperature,
-                                  eos_ids, generator)
+        completions += decode(model, cache, first_logits.expand(rows, -1), max_new_tokens, temperature,
+                              eos_ids, generator)
     return completions
 
 
@@ -326,6 +322,5 @@ def generate_batch(
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S): each prompt starts at position 0
     cache = new_cache(model, capacity=width + max_new_tokens)
     logits = forward_step(model, ids, cache, mask, position_ids)
-    with cpu_decode_attention(model):
-        return decode(model, cache, logits, max_new_tokens, temperature, eos_ids, generator,
-                      attention_mask=mask, positions=position_ids[:, -1])
+    return decode(model, cache, logits, max_new_tokens, temperature, eos_ids, generator,
+                  attention_mask=mask, positions=position_ids[:, -1])
