@@ -3,7 +3,8 @@
     python bench/decode_kernels.py [--rows 50] [--positions 330]
 
 1. Matrix multiplies of a decode step (SmolLM2-135M's shapes, `rows` tokens at once) in float32 and
-   bfloat16, against a square 2048 matmul in the same dtype.
+   bfloat16, against a square 2048 matmul in the same dtype: torch's F.linear (MKL for float32)
+   against oneDNN with the weight packed in advance (what `tinyrl.sampling.cpu_kernels` uses).
 2. Attention for one new token per row (9 heads on 3 key/value heads, head dim 64, `positions` keys):
    torch's SDPA against tinyrl's `decode_attention`, in both dtypes. Prints the ratios.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import common  # noqa: F401  (puts the repository on sys.path)
 
-from tinyrl.sampling import decode_attention
+from tinyrl.sampling import decode_attention, packed_linear
 
 SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (192, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536),
           "lm_head": (49152, 576)}  # (out, in) of SmolLM2-135M's layers
@@ -39,16 +40,19 @@ def main():
     M, L = args.rows, args.positions
     dtypes = (torch.float32, torch.bfloat16)
     print(f"torch threads {torch.get_num_threads()}; {M} rows\n")
-    print(f"{'matmul (out x in)':<28}" + "".join(f"{str(d)[6:] + ' GFLOP/s':>18}" for d in dtypes)
-          + f"{'bf16 / fp32':>13}")
+    print("GFLOP/s of F.linear (torch) and of oneDNN on a packed weight (packed):")
+    print(f"{'matmul (out x in)':<28}" + "".join(f"{str(d)[6:] + ' ' + k:>17}" for d in dtypes for k in ("torch", "packed")))
     n = 2048
     for name, (out, inp) in [("square 2048", (n, n)), *SHAPES.items()]:
         rows = n if name.startswith("square") else M
         rates = []
         for dtype in dtypes:
-            x, w = torch.randn(rows, inp, dtype=dtype), torch.randn(out, inp, dtype=dtype)
-            rates.append(2 * rows * out * inp / seconds(lambda: F.linear(x, w)) / 1e9)
-        print(f"{name + f' ({out}x{inp})':<28}{rates[0]:>18.0f}{rates[1]:>18.0f}{rates[1] / rates[0]:>12.1f}x")
+            x, layer = torch.randn(rows, inp, dtype=dtype), torch.nn.Linear(inp, out, bias=False, dtype=dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
+            with torch.no_grad():
+                for fn in (lambda: F.linear(x, layer.weight), lambda: packed_linear(layer, packed, x)):
+                    rates.append(2 * rows * out * inp / seconds(fn) / 1e9)
+        print(f"{name + f' ({out}x{inp})':<28}" + "".join(f"{r:>17.0f}" for r in rates))
 
     print(f"\n{'attention, 1 query, ' + str(L) + ' keys':<34}{'SDPA ms':>10}{'tinyrl ms':>11}{'SDPA / tinyrl':>15}")
     module = torch.nn.Module()

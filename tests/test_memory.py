@@ -41,7 +41,7 @@ def test_predictions_within_25_percent_of_measured_peaks(name):
         q, kv = shape.hidden_size, shape.num_key_value_heads * shape.head_dim
         lora = 2 * 8 * ((shape.hidden_size + q) + (shape.hidden_size + kv))  # 2 layers (1/4 of 8), r = 8, q and v
         assert got["params"] == shape.params() + lora  # the weights term is exact
-        est = predict(shape, G, T, lora_rank=8, lora_fraction=0.25, max_batch_tokens=budget)
+        est = predict(shape, G, T, lora_rank=8, lora_fraction=0.25, max_batch_tokens=budget, device="cpu")
         predicted = (est["sampling_peak"] if phase == "sampling" else est["update_peak"]) - est["weights"]
         ratio = predicted / 2**20 / got["delta_mb"]
         print(f"{name} {phase} {algo}: measured {got['delta_mb']:.0f} MB, predicted {predicted / 2**20:.0f} MB")

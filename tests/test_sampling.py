@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tinyrl.lora import inject_lora, lora_modules
-from tinyrl.sampling import cpu_decode_attention, decode_attention, forward_step, generate_batch, new_cache, sample
+from tinyrl.sampling import cpu_kernels, decode_attention, forward_step, generate_batch, new_cache, sample
 
 EOS = [0, 2]
 
@@ -65,13 +65,29 @@ def test_decode_attention_equals_sdpa(dtype, mask_kind):
     assert torch.allclose(out.double(), expected.transpose(1, 2), atol=tol, rtol=tol)
 
 
-def test_cpu_decode_attention_is_scoped(lora_model):
-    model, _ = lora_model
-    assert model.config._attn_implementation == "sdpa"
-    with pytest.raises(RuntimeError), cpu_decode_attention(model):
+def test_cpu_kernels_change_no_result_and_are_scoped(lora_model):
+    """Inside cpu_kernels: the frozen linears run on packed oneDNN weights and decode steps on
+    decode_attention, the logits equal the plain ones to float32 rounding; on exit all is as before."""
+    model, tokenizer = lora_model
+    ids = torch.tensor([prompts(tokenizer)[0]])
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with torch.no_grad():
+        plain_cache = new_cache(model, capacity=ids.shape[1] + 1)
+        plain = [forward_step(model, ids, plain_cache), forward_step(model, ids[:, :1], plain_cache)]
+    with pytest.raises(RuntimeError), cpu_kernels(model), torch.no_grad():
         assert model.config._attn_implementation == "tinyrl_decode"
+        assert all("forward" in vars(m) for m in linears) == torch.backends.mkldnn.is_available()
+        cache = new_cache(model, capacity=ids.shape[1] + 1)
+        fast = [forward_step(model, ids, cache), forward_step(model, ids[:, :1], cache)]  # prefill, one decode step
+        for a, b in zip(fast, plain):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        with torch.enable_grad():  # autograd on: the plain path, so gradients stay right
+            x = torch.randn(2, linears[0].in_features, requires_grad=True)
+            linears[0](x).sum().backward()
+            assert torch.allclose(x.grad, linears[0].weight.sum(0).expand(2, -1))
         raise RuntimeError
     assert model.config._attn_implementation == "sdpa"
+    assert not any("forward" in vars(m) for m in linears)
 
 
 def test_kv_cache_logits_equal_full_forward(lora_model):

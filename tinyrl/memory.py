@@ -3,7 +3,8 @@
     python -m tinyrl.memory --model Qwen/Qwen2-1.5B --algo tspmo [--group-size 50 --max-new-tokens 300 ...]
     python -m tinyrl.memory --model M --algo sgrpo --budget-gb 16     # also suggest settings that fit
 
-Phases: the weights; sampling (weights + KV cache of one chunk of rows + the logits of one step);
+Phases: the weights; sampling (weights + KV cache of one chunk of rows + the logits of one step,
+and on CPU a packed copy of the linear layers' weights, `tinyrl.sampling.cpu_kernels`);
 the update (weights + LoRA state + the activations autograd keeps in the LoRA layers for one
 forward pass of --max-batch-tokens + one layer's transient work + one LM-head chunk). What autograd
 keeps per token in a LoRA layer follows from which tensors each op saves when only LoRA trains:
@@ -84,7 +85,7 @@ def load_shape(model: str) -> Shape:
 
 def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, lora_fraction: float,
             dtype: str = "float32", chunk_size: int | None = None, max_batch_tokens: int = 8192,
-            prompt_tokens: int = PROMPT_TOKENS) -> dict[str, float]:
+            prompt_tokens: int = PROMPT_TOKENS, device: str = "cuda") -> dict[str, float]:
     """Bytes of each item and the peak of each phase (the algorithm enters through group_size only)."""
     b = BYTES[dtype]
     H, I, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_hidden_layers
@@ -98,7 +99,9 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
     rows = min(chunk_size or group_size, group_size)
     kv_cache = 2 * L * kv * seq * rows * b  # keys and values of every layer, preallocated
     step_logits = rows * V * (4 + 4 + 4 + 8 + 8)  # logits, logits / T, softmax, float64 copy, its cumsum
-    sampling = weights + lora_state + kv_cache + step_logits
+    linear_weights = L * (H * q + 2 * H * kv + q * H + 3 * H * I) + V * H  # every nn.Linear, the LM head included
+    packed = linear_weights * b if device == "cpu" else 0  # oneDNN's copy while sampling on CPU
+    sampling = weights + lora_state + kv_cache + step_logits + packed
 
     tokens = min(max(1, max_batch_tokens // seq), group_size) * seq  # rows of one forward pass x their length
     # saved per token in a LoRA layer (counted with torch.autograd.graph.saved_tensors_hooks): the two norm
@@ -113,6 +116,7 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
     # the reference pass (beta > 0) runs after the policy forward has freed its working tensors: no extra term
     update = weights + lora_state + activations + transient + head
     return {"weights": weights, "lora_state": lora_state, "kv_cache": kv_cache, "step_logits": step_logits,
+            "packed_weights": packed,
             "activations": activations, "update_transient": transient + head, "sampling_peak": sampling,
             "update_peak": update, "peak": max(sampling, update), "forward_tokens": tokens, "rows": rows}
 
@@ -140,13 +144,14 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--dtype", default="float32", choices=list(BYTES))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu adds the packed weights of sampling")
     p.add_argument("--budget-gb", type=float, help="suggest --chunk-size / --max-batch-tokens that fit this many GiB")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = p.parse_args(argv)
     paper = preset(args.algo, args.task)
     kw = dict(group_size=args.group_size or paper["group_size"], max_new_tokens=args.max_new_tokens,
               lora_rank=args.lora_rank or paper["lora_rank"], lora_fraction=args.lora_fraction or paper["lora_fraction"],
-              dtype=args.dtype, chunk_size=args.chunk_size, max_batch_tokens=args.max_batch_tokens)
+              dtype=args.dtype, chunk_size=args.chunk_size, max_batch_tokens=args.max_batch_tokens, device=args.device)
     shape = load_shape(args.model)
     est = predict(shape, **kw)
     if args.json:
@@ -160,6 +165,8 @@ def main(argv=None) -> int:
     print(f"  LoRA weights + grads + AdamW    {g(est['lora_state'])}")
     print(f"  sampling: KV cache ({est['rows']} rows)    {g(est['kv_cache'])}")
     print(f"  sampling: one step's logits     {g(est['step_logits'])}")
+    if est["packed_weights"]:
+        print(f"  sampling: packed weights (CPU)  {g(est['packed_weights'])}")
     print(f"  update: saved activations       {g(est['activations'])}   ({est['forward_tokens']} tokens a pass)")
     print(f"  update: transient + LM head     {g(est['update_transient'])}")
     print(f"  peak while sampling             {g(est['sampling_peak'])}")

@@ -5,9 +5,9 @@ per row, finished rows leave the batch, and at most `chunk_size` rows decode at 
 values go into preallocated buffers (no per-step concatenation), and tokens are drawn by inverting
 the cumulative distribution. `generate_batch` completes different prompts side by side (left
 padding, for evaluation). Temperature 0 is greedy. Completions come back as token lists that keep
-the EOS that ended them. On CPU, decode steps compute attention with two matmuls (`decode_attention`)
-instead of SDPA's single-query kernel. `StaticDecoder` is the fixed-shape variant for CUDA graphs
-(--static-cache).
+the EOS that ended them. On CPU both run on faster kernels (`cpu_kernels`): frozen linear layers on
+oneDNN, and decode-step attention as two matmuls (`decode_attention`). `StaticDecoder` is the
+fixed-shape variant for CUDA graphs (--static-cache).
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import functools
 import inspect
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -120,18 +122,45 @@ AttentionInterface.register("tinyrl_decode", decode_attention)
 AttentionMaskInterface.register("tinyrl_decode", sdpa_mask)
 
 
+def packed_linear(layer: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` with the weight oneDNN packed in advance; plain F.linear where autograd is on (no backward here)."""
+    if torch.is_grad_enabled():
+        return F.linear(x, layer.weight, layer.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+
+
 @contextlib.contextmanager
-def cpu_decode_attention(model):
-    """Within the block, decode steps of a CPU model on SDPA use `decode_attention`; elsewhere nothing changes."""
-    config = model.config
-    if next(model.parameters()).device.type != "cpu" or config._attn_implementation != "sdpa":
+def cpu_kernels(model):
+    """Within the block, a CPU model samples on faster kernels; on other devices nothing changes.
+
+    - Frozen nn.Linear layers run on oneDNN with their weights packed once on entry (a copy of the
+      weights, freed on exit). torch's float32 F.linear calls MKL, which takes its AVX2 code on AMD
+      CPUs: at SmolLM2's decode shapes it reached 84-164 GFLOP/s on this repository's AMD machine,
+      where oneDNN's AVX-512 code reached 237-411 (bench/decode_kernels.py). The results are the
+      same float32 (or bf16) products summed in another order, not a lower precision.
+    - Decode steps of an SDPA model use `decode_attention`.
+    Trainable linears, and any call made with autograd on, keep the plain path."""
+    if next(model.parameters()).device.type != "cpu":
         yield
         return
-    config._attn_implementation = "tinyrl_decode"
+    packed = []
+    if torch.backends.mkldnn.is_available():
+        for layer in model.modules():
+            if (type(layer) is nn.Linear and not layer.weight.requires_grad and "forward" not in vars(layer)
+                    and layer.weight.dtype in (torch.float32, torch.bfloat16)):
+                weights = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
+                layer.forward = functools.partial(packed_linear, layer, weights)  # shadows nn.Linear.forward
+                packed.append(layer)
+    swap_attention = model.config._attn_implementation == "sdpa"
+    if swap_attention:
+        model.config._attn_implementation = "tinyrl_decode"
     try:
         yield
     finally:
-        config._attn_implementation = "sdpa"
+        for layer in packed:
+            del layer.forward
+        if swap_attention:
+            model.config._attn_implementation = "sdpa"
 
 
 def new_cache(model, capacity: int | None = None) -> Cache:
@@ -181,27 +210,26 @@ def decode(
     eos = torch.tensor(sorted(eos_ids), device=logits.device)
     alive = torch.arange(rows, device=logits.device)  # original row of each row still decoding
     completions: list[list[int]] = [[] for _ in range(rows)]
-    with cpu_decode_attention(model):
-        for step in range(max_new_tokens):
-            tokens = pick_tokens(logits, temperature, generator)  # (b,)
-            for row, tok in zip(alive.tolist(), tokens.tolist()):
-                completions[row].append(tok)
-            if step == max_new_tokens - 1:
+    for step in range(max_new_tokens):
+        tokens = pick_tokens(logits, temperature, generator)  # (b,)
+        for row, tok in zip(alive.tolist(), tokens.tolist()):
+            completions[row].append(tok)
+        if step == max_new_tokens - 1:
+            break
+        done = torch.isin(tokens, eos)
+        if done.any():
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
                 break
-            done = torch.isin(tokens, eos)
-            if done.any():
-                keep = (~done).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    break
-                alive, tokens = alive[keep], tokens[keep]
-                cache.batch_select_indices(keep)
-                if attention_mask is not None:
-                    attention_mask, positions = attention_mask[keep], positions[keep]
+            alive, tokens = alive[keep], tokens[keep]
+            cache.batch_select_indices(keep)
             if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
-                positions = positions + 1
-            logits = forward_step(model, tokens[:, None], cache, attention_mask,
-                                  None if positions is None else positions[:, None])
+                attention_mask, positions = attention_mask[keep], positions[keep]
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], dim=1)
+            positions = positions + 1
+        logits = forward_step(model, tokens[:, None], cache, attention_mask,
+                              None if positions is None else positions[:, None])
     return completions
 
 
@@ -283,22 +311,23 @@ def sample(
     static=True decodes with fixed shapes and, on CUDA, under torch.compile with CUDA graphs (`StaticDecoder`)."""
     device = next(model.parameters()).device
     prompt = torch.as_tensor(prompt_ids, device=device).view(1, -1)  # (1, P)
-    prompt_cache = new_cache(model, capacity=prompt.shape[1])
-    first_logits = forward_step(model, prompt, prompt_cache)  # (1, V): the prefill, done once
-    chunk = chunk_size or n
-    completions: list[list[int]] = []
-    for start in range(0, n, chunk):
-        rows = min(chunk, n - start)
-        if static:
-            decoder = StaticDecoder.get(model, prompt_cache, rows, max_new_tokens, compile=device.type == "cuda")
-            completions += decoder.run(prompt_cache, first_logits.expand(rows, -1), max_new_tokens, temperature,
-                                       eos_ids, generator)
-            continue
-        capacity = prompt.shape[1] + max_new_tokens
-        cache = Cache(layers=[layer.repeat_rows(rows, capacity) for layer in prompt_cache.layers])  # (rows, h, P, d)
-        completions += decode(model, cache, first_logits.expand(rows, -1), max_new_tokens, temperature,
-                              eos_ids, generator)
-    return completions
+    with cpu_kernels(model):
+        prompt_cache = new_cache(model, capacity=prompt.shape[1])
+        first_logits = forward_step(model, prompt, prompt_cache)  # (1, V): the prefill, done once
+        chunk = chunk_size or n
+        completions: list[list[int]] = []
+        for start in range(0, n, chunk):
+            rows = min(chunk, n - start)
+            if static:
+                decoder = StaticDecoder.get(model, prompt_cache, rows, max_new_tokens, compile=device.type == "cuda")
+                completions += decoder.run(prompt_cache, first_logits.expand(rows, -1), max_new_tokens, temperature,
+                                           eos_ids, generator)
+                continue
+            capacity = prompt.shape[1] + max_new_tokens
+            cache = Cache(layers=[layer.repeat_rows(rows, capacity) for layer in prompt_cache.layers])  # (rows, h, P, d)
+            completions += decode(model, cache, first_logits.expand(rows, -1), max_new_tokens, temperature,
+                                  eos_ids, generator)
+        return completions
 
 
 @torch.no_grad()
@@ -321,6 +350,7 @@ def generate_batch(
         mask[i, width - len(p):] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S): each prompt starts at position 0
     cache = new_cache(model, capacity=width + max_new_tokens)
-    logits = forward_step(model, ids, cache, mask, position_ids)
-    return decode(model, cache, logits, max_new_tokens, temperature, eos_ids, generator,
-                  attention_mask=mask, positions=position_ids[:, -1])
+    with cpu_kernels(model):
+        logits = forward_step(model, ids, cache, mask, position_ids)
+        return decode(model, cache, logits, max_new_tokens, temperature, eos_ids, generator,
+                      attention_mask=mask, positions=position_ids[:, -1])
