@@ -4,7 +4,7 @@
 
 1. Matrix multiplies of a decode step (SmolLM2-135M's shapes, `rows` tokens at once) in float32 and
    bfloat16, against a square 2048 matmul in the same dtype: torch's F.linear (MKL for float32)
-   against oneDNN with the weight packed in advance (what `tinyrl.sampling.cpu_kernels` uses).
+   against oneDNN with the weight packed in advance (what `tinyrl.model.packed_linears` uses).
 2. Attention for one new token per row (9 heads on 3 key/value heads, head dim 64, `positions` keys):
    torch's SDPA against tinyrl's `decode_attention`, in both dtypes. Prints the ratios.
 """
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 import common  # noqa: F401  (puts the repository on sys.path)
 
-from tinyrl.sampling import decode_attention, packed_linear
+from tinyrl.model import packed_linear, packed_weight
+from tinyrl.sampling import decode_attention
 
 SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (192, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536),
           "lm_head": (49152, 576)}  # (out, in) of SmolLM2-135M's layers
@@ -48,9 +49,9 @@ def main():
         rates = []
         for dtype in dtypes:
             x, layer = torch.randn(rows, inp, dtype=dtype), torch.nn.Linear(inp, out, bias=False, dtype=dtype)
-            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
+            packed = packed_weight(layer)
             with torch.no_grad():
-                for fn in (lambda: F.linear(x, layer.weight), lambda: packed_linear(layer, packed, x)):
+                for fn in (lambda: F.linear(x, layer.weight), lambda: packed_linear(layer, packed, None, x)):
                     rates.append(2 * rows * out * inp / seconds(fn) / 1e9)
         print(f"{name + f' ({out}x{inp})':<28}" + "".join(f"{r:>17.0f}" for r in rates))
 

@@ -23,17 +23,17 @@ from common import find_smollm2
 
 import train
 from tinyrl.memory import load_shape
-from tinyrl.sampling import packed_linear
+from tinyrl.model import packed_linear, packed_weight
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a square n x n matmul: the faster of torch's and, on CPU, oneDNN's on a packed weight
-    (the kernel `tinyrl.sampling.cpu_kernels` samples with)."""
+    (the kernel of `tinyrl.model.packed_linears`)."""
     a, layer = torch.randn(n, n, device=device, dtype=dtype), torch.nn.Linear(n, n, bias=False, device=device, dtype=dtype)
     kernels = [lambda: a @ layer.weight]
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
-        kernels.append(lambda: packed_linear(layer, packed, a))
+        packed = packed_weight(layer)
+        kernels.append(lambda: packed_linear(layer, packed, None, a))
     best = 0.0
     with torch.no_grad():
         for fn in kernels:

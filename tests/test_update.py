@@ -1,7 +1,11 @@
 """The update path on a real (tiny) model: gradient signs, selective head == full logits, no autograd below LoRA."""
+import contextlib
+
 import pytest
 import torch
 
+import tinyrl.model
+import tinyrl.update
 from tinyrl.lora import inject_lora, lora_modules, lora_parameters
 from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select
 from tinyrl.update import grpo_backward, pack, selected_logprobs, tspmo_backward, tspmo_positions
@@ -73,29 +77,49 @@ def zero(model):
         p.grad = None
 
 
-@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
-def test_selective_loss_equals_full_logits_loss(model, algo):
+def backward_once(model, algo, full_logits=False) -> tuple[float, list[torch.Tensor]]:
+    """One update of `algo` on a fixed group with shared prefixes: (loss, LoRA gradients)."""
     g = torch.Generator().manual_seed(1)
     completions = [torch.randint(3, 299, (n,), generator=g).tolist() for n in (9, 4, 12, 7)]
     completions[1] = completions[0][:2] + completions[1]  # shared prefixes make a real tree
     rewards = [1.0, 0.0, 0.0, 1.0]
-    results = []
-    for full in (False, True):
-        zero(model)
-        if algo == "tspmo":
-            stats = tspmo_backward(model, PROMPT, completions, PrefixTree(completions, rewards), 0.01,
-                                   lora_parameters(model), 0, max_batch_tokens=30, full_logits=full)
-        else:
-            sel = torch.Generator().manual_seed(0)
-            positions = [list(range(len(c))) if algo == "grpo" else sgrpo_select(len(c), 2, 4, 0.5, sel)
-                         for c in completions]
-            stats = grpo_backward(model, PROMPT, completions, group_advantages(torch.tensor(rewards)), positions,
-                                  0.01, 0, max_batch_tokens=30, full_logits=full)
-        results.append((stats["loss"], grads(model)))
-    (loss_sel, g_sel), (loss_full, g_full) = results
+    zero(model)
+    if algo == "tspmo":
+        stats = tspmo_backward(model, PROMPT, completions, PrefixTree(completions, rewards), 0.01,
+                               lora_parameters(model), 0, max_batch_tokens=30, full_logits=full_logits)
+    else:
+        sel = torch.Generator().manual_seed(0)
+        positions = [list(range(len(c))) if algo == "grpo" else sgrpo_select(len(c), 2, 4, 0.5, sel)
+                     for c in completions]
+        stats = grpo_backward(model, PROMPT, completions, group_advantages(torch.tensor(rewards)), positions,
+                              0.01, 0, max_batch_tokens=30, full_logits=full_logits)
+    return stats["loss"], grads(model)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
+def test_selective_loss_equals_full_logits_loss(model, algo):
+    (loss_sel, g_sel), (loss_full, g_full) = backward_once(model, algo), backward_once(model, algo, full_logits=True)
     assert loss_sel == pytest.approx(loss_full, rel=1e-5, abs=1e-8)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_sel, g_full))
     assert any(a.abs().sum() > 0 for a in g_sel)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
+def test_update_on_packed_cpu_kernels_equals_torch_kernels(model, algo, monkeypatch):
+    """On CPU the update runs frozen layers on oneDNN (packed W forward, packed W^T backward): same loss and
+    gradients as torch's own kernels, and the packed backward really ran."""
+    calls = []
+    backward = tinyrl.model._PackedLinear.backward
+    monkeypatch.setattr(tinyrl.model._PackedLinear, "backward",
+                        staticmethod(lambda ctx, grad: calls.append(ctx.layer) or backward(ctx, grad)))
+    loss_packed, g_packed = backward_once(model, algo)
+    assert model.lm_head in calls and len(set(calls)) > 1  # the LM head and the layers above the first LoRA layer
+    monkeypatch.setattr(tinyrl.update, "packed_linears", lambda model, backward=False: contextlib.nullcontext())
+    loss_torch, g_torch = backward_once(model, algo)
+    assert loss_packed == pytest.approx(loss_torch, rel=1e-5, abs=1e-8)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_packed, g_torch))
+    assert not any("forward" in vars(m) for m in model.modules())  # the layers are as they were
 
 
 def test_selected_logprobs_match_full_forward(model):

@@ -3,14 +3,15 @@
     python -m tinyrl.memory --model Qwen/Qwen2-1.5B --algo tspmo [--group-size 50 --max-new-tokens 300 ...]
     python -m tinyrl.memory --model M --algo sgrpo --budget-gb 16     # also suggest settings that fit
 
-Phases: the weights; sampling (weights + KV cache of one chunk of rows + the logits of one step,
-and on CPU a packed copy of the linear layers' weights, `tinyrl.sampling.cpu_kernels`);
+Phases: the weights; sampling (weights + KV cache of one chunk of rows + the logits of one step);
 the update (weights + LoRA state + the activations autograd keeps in the LoRA layers for one
 forward pass of --max-batch-tokens + one layer's transient work + one LM-head chunk). What autograd
 keeps per token in a LoRA layer follows from which tensors each op saves when only LoRA trains:
 frozen linears save nothing (their weight needs no gradient); RMSNorm saves its input and its
 normalised output, LoRA its input, SDPA q, k, v and the output, the MLP the gate and up outputs
-and SiLU(gate). `tests/test_memory.py` checks the predictions against measured peaks.
+and SiLU(gate). On CPU both phases also hold oneDNN's packed copy of the linear weights, and the
+update a packed W^T of the layers it backpropagates through (`tinyrl.model.packed_linears`).
+`tests/test_memory.py` checks the predictions against measured peaks.
 """
 from __future__ import annotations
 
@@ -99,8 +100,11 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
     rows = min(chunk_size or group_size, group_size)
     kv_cache = 2 * L * kv * seq * rows * b  # keys and values of every layer, preallocated
     step_logits = rows * V * (4 + 4 + 4 + 8 + 8)  # logits, logits / T, softmax, float64 copy, its cumsum
-    linear_weights = L * (H * q + 2 * H * kv + q * H + 3 * H * I) + V * H  # every nn.Linear, the LM head included
-    packed = linear_weights * b if device == "cpu" else 0  # oneDNN's copy while sampling on CPU
+    # on CPU, oneDNN's packed copy of every nn.Linear weight (tinyrl.model.packed_linears), LM head included; the
+    # update also packs W^T where an input needs a gradient: from the first LoRA layer's o_proj up, and the LM head
+    layer_linears = H * q + 2 * H * kv + q * H + 3 * H * I
+    packed = (L * layer_linears + V * H) * b if device == "cpu" else 0
+    packed_t = (n_lora * layer_linears - (H * q + 2 * H * kv) + V * H) * b if device == "cpu" else 0
     sampling = weights + lora_state + kv_cache + step_logits + packed
 
     tokens = min(max(1, max_batch_tokens // seq), group_size) * seq  # rows of one forward pass x their length
@@ -114,9 +118,9 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
     transient = tokens * (3 * I + 2 * H) * b  # one layer's working tensors (and its gradients in backward)
     head = HEAD_CHUNK * V * 4 * 4  # one chunk's recomputed logits, exp inside logsumexp, softmax, logits' gradient
     # the reference pass (beta > 0) runs after the policy forward has freed its working tensors: no extra term
-    update = weights + lora_state + activations + transient + head
+    update = weights + lora_state + activations + transient + head + packed + packed_t
     return {"weights": weights, "lora_state": lora_state, "kv_cache": kv_cache, "step_logits": step_logits,
-            "packed_weights": packed,
+            "packed_weights": packed + packed_t,
             "activations": activations, "update_transient": transient + head, "sampling_peak": sampling,
             "update_peak": update, "peak": max(sampling, update), "forward_tokens": tokens, "rows": rows}
 
@@ -144,7 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--dtype", default="float32", choices=list(BYTES))
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu adds the packed weights of sampling")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu adds the packed weights of oneDNN")
     p.add_argument("--budget-gb", type=float, help="suggest --chunk-size / --max-batch-tokens that fit this many GiB")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = p.parse_args(argv)
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
     print(f"  sampling: KV cache ({est['rows']} rows)    {g(est['kv_cache'])}")
     print(f"  sampling: one step's logits     {g(est['step_logits'])}")
     if est["packed_weights"]:
-        print(f"  sampling: packed weights (CPU)  {g(est['packed_weights'])}")
+        print(f"  packed weights, W and W^T (CPU) {g(est['packed_weights'])}")
     print(f"  update: saved activations       {g(est['activations'])}   ({est['forward_tokens']} tokens a pass)")
     print(f"  update: transient + LM head     {g(est['update_transient'])}")
     print(f"  peak while sampling             {g(est['sampling_peak'])}")

@@ -2,14 +2,19 @@
 
 The base weights are frozen (only LoRA trains, SPEC §2); float32 by default as in the paper.
 `eos_ids` collects every id that ends a completion (SPEC §3): for Qwen2 both
-`<|endoftext|>` and `<|im_end|>`.
+`<|endoftext|>` and `<|im_end|>`. On CPU, `packed_linears` runs the frozen linear layers on oneDNN.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
+import weakref
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tinyrl.cli import UserError
 
@@ -81,3 +86,69 @@ def eos_ids(model, tokenizer) -> list[int]:
 def pad_id(tokenizer, eos: list[int]) -> int:
     """The padding id: the tokenizer's own, else the first EOS id (padding is always masked out)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight's identity, packed weight)
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def packed_weight(layer: nn.Linear) -> torch.Tensor:
+    """The layer's weight in oneDNN's packed layout, packed once and again only if the weight changes."""
+    identity = (layer.weight.data_ptr(), layer.weight._version, layer.weight.dtype)
+    hit = _PACKED.get(layer)
+    if hit is None or hit[0] != identity:
+        hit = _PACKED[layer] = (identity, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach()))
+    return hit[1]
+
+
+class _PackedLinear(torch.autograd.Function):
+    """x W^T + b on the packed W; backward gives x its gradient on a packed W^T (W and b are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, layer, packed, transposed):
+        ctx.layer, ctx.transposed = layer, transposed
+        return _onednn_linear(x, packed, layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.layer not in ctx.transposed:  # packed on first use: only layers above the first LoRA layer need it
+            ctx.transposed[ctx.layer] = torch.ops.mkldnn._reorder_linear_weight(ctx.layer.weight.detach().t().contiguous())
+        return _onednn_linear(grad, ctx.transposed[ctx.layer], None), None, None, None
+
+
+def packed_linear(layer: nn.Linear, packed: torch.Tensor, transposed: dict | None, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` on the packed weight. An input that needs a gradient gets it through `_PackedLinear` when
+    `transposed` (a store for packed W^T) is given, else through plain F.linear."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        if transposed is None:
+            return F.linear(x, layer.weight, layer.bias)
+        return _PackedLinear.apply(x, layer, packed, transposed)
+    return _onednn_linear(x, packed, layer.bias)
+
+
+@contextlib.contextmanager
+def packed_linears(model: nn.Module, backward: bool = False):
+    """Within the block, a CPU model's frozen nn.Linear layers compute on oneDNN with packed weights.
+
+    torch's float32 F.linear calls MKL, which takes its AVX2 code on AMD CPUs: at SmolLM2's decode
+    shapes it reached 84-164 GFLOP/s on this repository's AMD machine, where oneDNN's AVX-512 code
+    reached 237-411 (bench/decode_kernels.py). The results are the same float32 (or bf16) products
+    summed in another order, not a lower precision. The packed copy of the weights is kept with the
+    layer (`packed_weight`); with backward=True, layers whose input needs a gradient also pack W^T,
+    which is freed on exit. Trainable layers, and models on other devices, are left as they are."""
+    layers = []
+    if next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available():
+        layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)
+                  and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)
+                  and m.weight.dtype in (torch.float32, torch.bfloat16)]
+    transposed = {} if backward else None
+    for layer in layers:
+        layer.forward = functools.partial(packed_linear, layer, packed_weight(layer), transposed)  # shadows the class's
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward

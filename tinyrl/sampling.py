@@ -6,7 +6,7 @@ values go into preallocated buffers (no per-step concatenation), and tokens are 
 the cumulative distribution. `generate_batch` completes different prompts side by side (left
 padding, for evaluation). Temperature 0 is greedy. Completions come back as token lists that keep
 the EOS that ended them. On CPU both run on faster kernels (`cpu_kernels`): frozen linear layers on
-oneDNN, and decode-step attention as two matmuls (`decode_attention`). `StaticDecoder` is the
+oneDNN with packed weights, and decode-step attention as two matmuls (`decode_attention`). `StaticDecoder` is the
 fixed-shape variant for CUDA graphs (--static-cache).
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ import functools
 import inspect
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from tinyrl.model import packed_linears
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,43 +122,21 @@ AttentionInterface.register("tinyrl_decode", decode_attention)
 AttentionMaskInterface.register("tinyrl_decode", sdpa_mask)
 
 
-def packed_linear(layer: nn.Linear, packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` with the weight oneDNN packed in advance; plain F.linear where autograd is on (no backward here)."""
-    if torch.is_grad_enabled():
-        return F.linear(x, layer.weight, layer.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
-
-
 @contextlib.contextmanager
 def cpu_kernels(model):
-    """Within the block, a CPU model samples on faster kernels; on other devices nothing changes.
-
-    - Frozen nn.Linear layers run on oneDNN with their weights packed once on entry (a copy of the
-      weights, freed on exit). torch's float32 F.linear calls MKL, which takes its AVX2 code on AMD
-      CPUs: at SmolLM2's decode shapes it reached 84-164 GFLOP/s on this repository's AMD machine,
-      where oneDNN's AVX-512 code reached 237-411 (bench/decode_kernels.py). The results are the
-      same float32 (or bf16) products summed in another order, not a lower precision.
-    - Decode steps of an SDPA model use `decode_attention`.
-    Trainable linears, and any call made with autograd on, keep the plain path."""
+    """Within the block, a CPU model samples on faster kernels; on other devices nothing changes:
+    frozen linear layers on oneDNN (`tinyrl.model.packed_linears`), decode-step attention as two
+    matmuls (`decode_attention`) where the model uses SDPA."""
     if next(model.parameters()).device.type != "cpu":
         yield
         return
-    packed = []
-    if torch.backends.mkldnn.is_available():
-        for layer in model.modules():
-            if (type(layer) is nn.Linear and not layer.weight.requires_grad and "forward" not in vars(layer)
-                    and layer.weight.dtype in (torch.float32, torch.bfloat16)):
-                weights = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach())
-                layer.forward = functools.partial(packed_linear, layer, weights)  # shadows nn.Linear.forward
-                packed.append(layer)
     swap_attention = model.config._attn_implementation == "sdpa"
     if swap_attention:
         model.config._attn_implementation = "tinyrl_decode"
     try:
-        yield
+        with packed_linears(model):
+            yield
     finally:
-        for layer in packed:
-            del layer.forward
         if swap_attention:
             model.config._attn_implementation = "sdpa"
 

@@ -9,21 +9,22 @@ Memory is the point (paper §III). Three rules keep the update small:
    the smallest budget; larger budgets give the same gradient with fewer passes.
 3. The reference pass (LoRA off) runs under no_grad, and only when beta > 0. Layers below the
    first LoRA layer hold no autograd state: nothing there requires grad, so autograd records nothing.
+On CPU the frozen linear layers run on oneDNN with packed weights (`tinyrl.model.packed_linears`).
 `shard=(rank, world)` makes each process handle its share for group-parallel training.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
 from tinyrl.lora import disable_lora
+from tinyrl.model import packed_linears
 from tinyrl.objectives import PrefixTree, grpo_loss, tspmo_loss
 
 
-def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()  # (n, V): one chunk only
+def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()  # (n, V): one chunk only
     return logits.gather(-1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -57,9 +58,9 @@ def selected_logprobs(
     out = []
     for h, tgt in zip(picked.split(head_chunk), targets.split(head_chunk)):
         if torch.is_grad_enabled():  # keep only (n, H) for backward; the (n, V) chunk is recomputed
-            out.append(checkpoint(_head_logprobs, h, tgt, head.weight, head.bias, use_reentrant=False))
+            out.append(checkpoint(_head_logprobs, h, tgt, head, use_reentrant=False))
         else:
-            out.append(_head_logprobs(h, tgt, head.weight, head.bias))
+            out.append(_head_logprobs(h, tgt, head))
     return torch.cat(out)
 
 
@@ -104,25 +105,26 @@ def grpo_backward(
     # max_batch_tokens (a budget of one completion is Algorithm 2). The gradient is the same sum either way.
     mine = {i: len(prompt_ids) + max(positions[i]) for i in range(G) if positions[i] and i % world == rank}
     stats = {"loss": 0.0, "kl": 0.0, "tokens_in_loss": 0, "forward_tokens": 0, "forward_passes": 0}
-    for batch in pack(mine, max_batch_tokens):
-        args = (prompt_ids, [completions[i] for i in batch], [positions[i] for i in batch], pad_id)
-        logp = selected_logprobs(model, *args, full_logits=full_logits)
-        logp_ref = None
-        if beta > 0:
-            with torch.no_grad(), disable_lora(model):
-                logp_ref = selected_logprobs(model, *args, full_logits=full_logits)
-        counts = [len(positions[i]) for i in batch]
-        as_rows = lambda x: pad_sequence(x.split(counts), batch_first=True)  # (B, K)  # noqa: E731
-        mask = as_rows(torch.ones_like(logp))
-        loss, st = grpo_loss(as_rows(logp), None if logp_ref is None else as_rows(logp_ref),
-                             advantages[batch].to(logp.device), mask, beta, clip_eps)
-        loss = loss * len(batch) / G * scale  # this slice's share of (1/|G|) Σ_i
-        loss.backward()
-        stats["loss"] += loss.item()
-        stats["kl"] += st["kl"] * len(batch) / G
-        stats["tokens_in_loss"] += st["tokens"]
-        stats["forward_tokens"] += sum(mine[i] for i in batch)
-        stats["forward_passes"] += 1
+    with packed_linears(model, backward=True):  # on CPU: the frozen layers on oneDNN
+        for batch in pack(mine, max_batch_tokens):
+            args = (prompt_ids, [completions[i] for i in batch], [positions[i] for i in batch], pad_id)
+            logp = selected_logprobs(model, *args, full_logits=full_logits)
+            logp_ref = None
+            if beta > 0:
+                with torch.no_grad(), disable_lora(model):
+                    logp_ref = selected_logprobs(model, *args, full_logits=full_logits)
+            counts = [len(positions[i]) for i in batch]
+            as_rows = lambda x: pad_sequence(x.split(counts), batch_first=True)  # (B, K)  # noqa: E731
+            mask = as_rows(torch.ones_like(logp))
+            loss, st = grpo_loss(as_rows(logp), None if logp_ref is None else as_rows(logp_ref),
+                                 advantages[batch].to(logp.device), mask, beta, clip_eps)
+            loss = loss * len(batch) / G * scale  # this slice's share of (1/|G|) Σ_i
+            loss.backward()
+            stats["loss"] += loss.item()
+            stats["kl"] += st["kl"] * len(batch) / G
+            stats["tokens_in_loss"] += st["tokens"]
+            stats["forward_tokens"] += sum(mine[i] for i in batch)
+            stats["forward_passes"] += 1
     return stats
 
 
@@ -170,21 +172,22 @@ def tspmo_backward(
              "forward_passes": 0}
     l2_weights = lora_weights if shard[0] == 0 else []  # the L2 term counts once, on rank 0
     device = next(model.parameters()).device
-    for batch in pack(mine, max_batch_tokens) or [[]]:  # [[]]: no pair has A != 0, only the L2 term acts
-        if batch:
-            logp = selected_logprobs(model, prompt_ids, [completions[i] for i in batch],
-                                     [positions[i] for i in batch], pad_id, full_logits=full_logits)
-        else:
-            logp = torch.zeros(0, device=device)
-        adv = torch.tensor([a for i in batch for a in advantages[i]], device=device)
-        loss, _ = tspmo_loss(logp, adv, num_pairs, l2_weights, lam, log_prob)
-        l2_weights = []
-        loss = loss * scale
-        if loss.requires_grad:
-            loss.backward()
-        stats["loss"] += loss.item()
-        stats["nonzero_pairs"] += len(adv)
-        stats["tokens_in_loss"] += len(adv)
-        stats["forward_tokens"] += sum(mine[i] for i in batch)
-        stats["forward_passes"] += bool(batch)
+    with packed_linears(model, backward=True):
+        for batch in pack(mine, max_batch_tokens) or [[]]:  # [[]]: no pair has A != 0, only the L2 term acts
+            if batch:
+                logp = selected_logprobs(model, prompt_ids, [completions[i] for i in batch],
+                                         [positions[i] for i in batch], pad_id, full_logits=full_logits)
+            else:
+                logp = torch.zeros(0, device=device)
+            adv = torch.tensor([a for i in batch for a in advantages[i]], device=device)
+            loss, _ = tspmo_loss(logp, adv, num_pairs, l2_weights, lam, log_prob)
+            l2_weights = []
+            loss = loss * scale
+            if loss.requires_grad:
+                loss.backward()
+            stats["loss"] += loss.item()
+            stats["nonzero_pairs"] += len(adv)
+            stats["tokens_in_loss"] += len(adv)
+            stats["forward_tokens"] += sum(mine[i] for i in batch)
+            stats["forward_passes"] += bool(batch)
     return stats
