@@ -46,6 +46,7 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
     dev = pick_device(device)
     path = os.path.expanduser(name)
     kwargs: dict = {}
+    model_kwargs: dict = {}
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise UserError(f"model file {name} does not exist")
@@ -53,11 +54,16 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
         if missing:
             raise UserError(f"loading a .gguf file needs {' and '.join(missing)}: pip install gguf accelerate")
         path, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        try:  # newer transformers can keep GGUF blocks packed in its own layers; LoRA needs plain nn.Linear
+            from transformers import GgufConfig
+            model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older transformers always dequantize
+            pass
     elif not os.path.exists(path) and _looks_like_path(name):
         raise UserError(f"model path {name} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs, **model_kwargs)
     except OSError as e:  # hub unreachable, unknown repo, or a folder without model files
         where = "folder" if os.path.isdir(path) else "hub id"
         first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
