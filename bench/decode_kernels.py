@@ -42,7 +42,8 @@ def main():
     dtypes = (torch.float32, torch.bfloat16)
     print(f"torch threads {torch.get_num_threads()}; {M} rows\n")
     print("GFLOP/s of F.linear (torch) and of oneDNN on a packed weight (packed):")
-    print(f"{'matmul (out x in)':<28}" + "".join(f"{str(d)[6:] + ' ' + k:>17}" for d in dtypes for k in ("torch", "packed")))
+    columns = [f"{str(d)[6:]} {kernel}" for d in dtypes for kernel in ("torch", "packed")]
+    print(f"{'matmul (out x in)':<28}" + "".join(f"{c:>17}" for c in columns))
     n = 2048
     for name, (out, inp) in [("square 2048", (n, n)), *SHAPES.items()]:
         rows = n if name.startswith("square") else M

@@ -29,7 +29,8 @@ from tinyrl.model import packed_linear, packed_weight
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a square n x n matmul: the faster of torch's and, on CPU, oneDNN's on a packed weight
     (the kernel of `tinyrl.model.packed_linears`)."""
-    a, layer = torch.randn(n, n, device=device, dtype=dtype), torch.nn.Linear(n, n, bias=False, device=device, dtype=dtype)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    layer = torch.nn.Linear(n, n, bias=False, device=device, dtype=dtype)
     kernels = [lambda: a @ layer.weight]
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         packed = packed_weight(layer)

@@ -121,7 +121,8 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if ctx.layer not in ctx.transposed:  # packed on first use: only layers above the first LoRA layer need it
-            ctx.transposed[ctx.layer] = torch.ops.mkldnn._reorder_linear_weight(ctx.layer.weight.detach().t().contiguous())
+            w_t = ctx.layer.weight.detach().t().contiguous()
+            ctx.transposed[ctx.layer] = torch.ops.mkldnn._reorder_linear_weight(w_t)
         return _onednn_linear(grad, ctx.transposed[ctx.layer], None), None, None, None
 
 

@@ -6,8 +6,8 @@ values go into preallocated buffers (no per-step concatenation), and tokens are 
 the cumulative distribution. `generate_batch` completes different prompts side by side (left
 padding, for evaluation). Temperature 0 is greedy. Completions come back as token lists that keep
 the EOS that ended them. On CPU both run on faster kernels (`cpu_kernels`): frozen linear layers on
-oneDNN with packed weights, and decode-step attention as two matmuls (`decode_attention`). `StaticDecoder` is the
-fixed-shape variant for CUDA graphs (--static-cache).
+oneDNN with packed weights, and decode-step attention as two matmuls (`decode_attention`).
+`StaticDecoder` is the fixed-shape variant for CUDA graphs (--static-cache).
 """
 from __future__ import annotations
 
