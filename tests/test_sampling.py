@@ -88,6 +88,12 @@ def test_cpu_kernels_change_no_result_and_are_scoped(lora_model):
         raise RuntimeError
     assert model.config._attn_implementation == "sdpa"
     assert not any("forward" in vars(m) for m in linears)
+    torch.backends.mkldnn.enabled = False  # the documented off switch
+    try:
+        with cpu_kernels(model):
+            assert not any("forward" in vars(m) for m in linears)
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 def test_kv_cache_logits_equal_full_forward(lora_model):

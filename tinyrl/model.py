@@ -145,15 +145,21 @@ def packed_linears(model: nn.Module, backward: bool = False):
     reached 237-411 (bench/decode_kernels.py). The results are the same float32 (or bf16) products
     summed in another order, not a lower precision. The packed copy of the weights is kept with the
     layer (`packed_weight`); with backward=True, layers whose input needs a gradient also pack W^T,
-    which is freed on exit. Trainable layers, and models on other devices, are left as they are."""
+    which is freed on exit. Trainable layers, models on other devices, and torch builds without
+    oneDNN are left as they are; `torch.backends.mkldnn.enabled = False` turns it off."""
     layers = []
-    if next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available():
+    if next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available() \
+            and torch._C._get_mkldnn_enabled():
         layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)
                   and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)
                   and m.weight.dtype in (torch.float32, torch.bfloat16)]
+    try:
+        packed = [packed_weight(layer) for layer in layers]
+    except (RuntimeError, NotImplementedError):  # a build whose oneDNN cannot pack these weights: plain torch
+        layers, packed = [], []
     transposed = {} if backward else None
-    for layer in layers:
-        layer.forward = functools.partial(packed_linear, layer, packed_weight(layer), transposed)  # shadows the class's
+    for layer, weight in zip(layers, packed):
+        layer.forward = functools.partial(packed_linear, layer, weight, transposed)  # shadows nn.Linear.forward
     try:
         yield
     finally:
