@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tinyrl.lora import inject_lora, lora_modules
+from tinyrl.model import packed_linears
 from tinyrl.sampling import cpu_kernels, decode_attention, forward_step, generate_batch, new_cache, sample
 
 EOS = [0, 2]
@@ -94,6 +95,23 @@ def test_cpu_kernels_change_no_result_and_are_scoped(lora_model):
             assert not any("forward" in vars(m) for m in linears)
     finally:
         torch.backends.mkldnn.enabled = True
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_packed_weights_follow_every_change_of_the_weight():
+    """The packed copy is kept with the layer; an in-place edit (merge_lora), a new Parameter or a
+    swapped .data must each be seen, or the layer would compute with stale weights."""
+    layer = torch.nn.Linear(8, 4).requires_grad_(False)
+    x = torch.randn(3, 8)
+    changes = [lambda: layer.weight.mul_(2),
+               lambda: setattr(layer, "weight", torch.nn.Parameter(torch.randn(4, 8), requires_grad=False)),
+               lambda: setattr(layer.weight, "data", torch.randn(4, 8))]
+    with torch.no_grad():
+        for change in [lambda: None, *changes]:
+            change()
+            with packed_linears(layer):
+                assert "forward" in vars(layer)
+                assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
 
 
 def test_kv_cache_logits_equal_full_forward(lora_model):

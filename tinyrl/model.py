@@ -94,7 +94,7 @@ def pad_id(tokenizer, eos: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
 
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight's identity, packed weight)
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (what was packed, packed weight)
 
 
 def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -103,10 +103,11 @@ def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 
 def packed_weight(layer: nn.Linear) -> torch.Tensor:
     """The layer's weight in oneDNN's packed layout, packed once and again only if the weight changes."""
-    identity = (layer.weight.data_ptr(), layer.weight._version, layer.weight.dtype)
+    w = layer.weight
     hit = _PACKED.get(layer)
-    if hit is None or hit[0] != identity:
-        hit = _PACKED[layer] = (identity, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach()))
+    if hit is None or hit[0][0]() is not w or hit[0][1:] != (w.data_ptr(), w._version, w.dtype):
+        hit = _PACKED[layer] = ((weakref.ref(w), w.data_ptr(), w._version, w.dtype),
+                                torch.ops.mkldnn._reorder_linear_weight(w.detach()))
     return hit[1]
 
 
