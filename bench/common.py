@@ -10,6 +10,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOLLM2_GLOBS = [os.environ.get("TINYRL_TEST_MODEL") or "", ".cache/models/*.gguf", "/work/models/*/*.gguf"]
 
 
+def seconds(fn, repeats: int = 30, device=None) -> float:
+    """Mean seconds of one fn() call, after three warm-up calls (synchronising CUDA if device is one)."""
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
 def find_smollm2() -> str | None:
     for pattern in SMOLLM2_GLOBS:
         hits = sorted(glob.glob(pattern)) if pattern else []

@@ -11,26 +11,16 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
-import common  # noqa: F401  (puts the repository on sys.path)
+from common import seconds  # (also puts the repository on sys.path)
 
 from tinyrl.model import packed_linear, packed_weight
 from tinyrl.sampling import decode_attention
 
 SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (192, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536),
           "lm_head": (49152, 576)}  # (out, in) of SmolLM2-135M's layers
-
-
-def seconds(fn, repeats: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def main():

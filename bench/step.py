@@ -16,17 +16,16 @@ import io
 import json
 import os
 import tempfile
-import time
 
 import torch
-from common import find_smollm2
+from common import find_smollm2, seconds
 
 import train
 from tinyrl.memory import load_shape
 from tinyrl.model import packed_linear, packed_weight
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
     """FLOP/s of a square n x n matmul: the faster of torch's and, on CPU, oneDNN's on a packed weight
     (the kernel of `tinyrl.model.packed_linears`)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -35,20 +34,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     if device.type == "cpu" and torch.backends.mkldnn.is_available():
         packed = packed_weight(layer)
         kernels.append(lambda: packed_linear(layer, packed, None, a))
-    best = 0.0
     with torch.no_grad():
-        for fn in kernels:
-            for _ in range(2):
-                fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start))
-    return best
+        return max(2 * n**3 / seconds(fn, repeats=10, device=device) for fn in kernels)
 
 
 def main():

@@ -103,8 +103,9 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
     # on CPU, oneDNN's packed copy of every nn.Linear weight (tinyrl.model.packed_linears), LM head included; the
     # update also packs W^T where an input needs a gradient: from the first LoRA layer's o_proj up, and the LM head
     layer_linears = H * q + 2 * H * kv + q * H + 3 * H * I
-    packed = (L * layer_linears + V * H) * b if device == "cpu" else 0
-    packed_t = (n_lora * layer_linears - (H * q + 2 * H * kv) + V * H) * b if device == "cpu" else 0
+    cpu = device == "cpu"
+    packed = (L * layer_linears + V * H) * b * cpu
+    packed_t = (n_lora * layer_linears - (H * q + 2 * H * kv) + V * H) * b * cpu
     sampling = weights + lora_state + kv_cache + step_logits + packed
 
     tokens = min(max(1, max_batch_tokens // seq), group_size) * seq  # rows of one forward pass x their length

@@ -94,7 +94,7 @@ def pad_id(tokenizer, eos: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
 
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (what was packed, packed weight)
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # nn.Linear -> (weight ref, its state, packed)
 
 
 def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -104,11 +104,12 @@ def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | N
 def packed_weight(layer: nn.Linear) -> torch.Tensor:
     """The layer's weight in oneDNN's packed layout, packed once and again only if the weight changes."""
     w = layer.weight
-    hit = _PACKED.get(layer)
-    if hit is None or hit[0][0]() is not w or hit[0][1:] != (w.data_ptr(), w._version, w.dtype):
-        hit = _PACKED[layer] = ((weakref.ref(w), w.data_ptr(), w._version, w.dtype),
-                                torch.ops.mkldnn._reorder_linear_weight(w.detach()))
-    return hit[1]
+    state = (w.data_ptr(), w._version, w.dtype)  # changed by .data swaps, in-place edits, casts
+    ref, seen, packed = _PACKED.get(layer, (None, None, None))
+    if ref is None or ref() is not w or seen != state:  # ref(): a new Parameter
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        _PACKED[layer] = (weakref.ref(w), state, packed)
+    return packed
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -142,15 +143,15 @@ def packed_linears(model: nn.Module, backward: bool = False):
     """Within the block, a CPU model's frozen nn.Linear layers compute on oneDNN with packed weights.
 
     torch's float32 F.linear calls MKL, which takes its AVX2 code on AMD CPUs: at SmolLM2's decode
-    shapes it reached 84-164 GFLOP/s on this repository's AMD machine, where oneDNN's AVX-512 code
-    reached 237-411 (bench/decode_kernels.py). The results are the same float32 (or bf16) products
+    shapes it reached 84-167 GFLOP/s on this repository's AMD machine, where oneDNN's AVX-512 code
+    reached 244-424 (bench/decode_kernels.py). The results are the same float32 (or bf16) products
     summed in another order, not a lower precision. The packed copy of the weights is kept with the
     layer (`packed_weight`); with backward=True, layers whose input needs a gradient also pack W^T,
     which is freed on exit. Trainable layers, models on other devices, and torch builds without
     oneDNN are left as they are; `torch.backends.mkldnn.enabled = False` turns it off."""
     layers = []
     if next(model.parameters()).device.type == "cpu" and torch.backends.mkldnn.is_available() \
-            and torch._C._get_mkldnn_enabled():
+            and torch.backends.mkldnn.enabled:
         layers = [m for m in model.modules() if type(m) is nn.Linear and "forward" not in vars(m)
                   and not m.weight.requires_grad and (m.bias is None or not m.bias.requires_grad)
                   and m.weight.dtype in (torch.float32, torch.bfloat16)]
