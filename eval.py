@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from tinyrl import dist
+from tinyrl import cpu, dist
 from tinyrl.cli import ArgParser, UserError, run_main
 from tinyrl.evaluate import evaluate
 from tinyrl.lora import load_adapter
@@ -36,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--svamp-sha256", default=SVAMP_SHA256, help="expected hash of the SVAMP file, or 'none'")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when present)")
+    p.add_argument("--cpu-kernels", choices=["auto", "torch", "fast"],
+                   help="CPU only: auto (faster kernels where measured faster here) | torch | fast "
+                        "(default: $TINYRL_CPU_KERNELS, else auto)")
     args = p.parse_args(argv)
     for name in ("n", "batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -47,6 +50,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cpu.set_mode(args.cpu_kernels)
     if args.out and os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; give a file name such as results.jsonl")
     _, _, device = dist.setup(args.device)  # under torchrun the problems are split across ranks
@@ -74,6 +78,8 @@ def main(argv=None) -> int:
           f"({result['correct']}/{result['n']}, 95% CI {100 * lo:.1f}-{100 * hi:.1f}%)  "
           f"{result['tokens_per_s']:.1f} tokens/s over {result['seconds']:.1f}s"
           + (f"  -> {args.out}" if args.out else ""))
+    if cpu.is_cpu(model):
+        print(f"CPU kernels: {cpu.describe(model)}")
     return 0
 
 

@@ -4,7 +4,7 @@
 
 1. Matrix multiplies of a decode step (SmolLM2-135M's shapes, `rows` tokens at once) in float32 and
    bfloat16, against a square 2048 matmul in the same dtype: torch's F.linear (MKL for float32)
-   against oneDNN with the weight packed in advance (what `tinyrl.model.packed_linears` uses).
+   against oneDNN with the weight packed in advance (what `tinyrl.cpu.packed_linears` uses).
 2. Attention for one new token per row (9 heads on 3 key/value heads, head dim 64, `positions` keys):
    torch's SDPA against tinyrl's `decode_attention`, in both dtypes. Prints the ratios.
 """
@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from common import seconds  # (also puts the repository on sys.path)
 
-from tinyrl.model import packed_linear, packed_weight
-from tinyrl.sampling import decode_attention
+from tinyrl.cpu import decode_attention, packed_linear, packed_weight
 
 SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (192, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536),
           "lm_head": (49152, 576)}  # (out, in) of SmolLM2-135M's layers

@@ -4,21 +4,30 @@
 
 Both sides sample at temperature 0.3 from the same model and prompt, ignore EOS (every row runs
 to max_new_tokens, so the token counts are equal) and use no top-k/top-p. Prints tokens/s and the
-ratio tinyrl / HF measured in this run. On CPU a third row runs tinyrl's sampler on torch's default
-kernels (without `cpu_kernels`: MKL linears, SDPA attention), to show what the sampler's design gives
-and what the kernels give.
+ratio tinyrl / HF measured in this run. On CPU a middle row runs tinyrl's sampler on torch's own
+kernels (--cpu-kernels torch), to show what the sampler's design gives and what the kernel choice
+adds; the last row is the sampler as shipped (auto: it measures which kernels are faster here).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
+import platform
 import time
 
 import torch
 from common import load_bench_model
 
-from tinyrl import sampling
-from tinyrl.sampling import sample
+from tinyrl import cpu
+from tinyrl.sampling import sample, sampling_kernels
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main():
@@ -40,7 +49,7 @@ def main():
     else:
         prompt = torch.randint(100, 30000, (60,), generator=torch.Generator().manual_seed(0)).tolist()
     n, L = args.n, args.max_new_tokens
-    print(f"model: {desc}; device {device}; torch threads {torch.get_num_threads()}")
+    print(f"model: {desc}; device {device}; CPU {cpu_name()}; torch threads {torch.get_num_threads()}")
     print(f"one prompt of {len(prompt)} tokens, n={n} completions x {L} new tokens, temperature 0.3, EOS ignored")
 
     def sync():
@@ -59,16 +68,17 @@ def main():
         return (out.shape[1] - len(prompt)) * out.shape[0]
 
     def run_tinyrl_default_kernels(tokens):
-        fast = sampling.cpu_kernels
-        sampling.cpu_kernels = lambda model: contextlib.nullcontext()
+        cpu.set_mode("torch")
         try:
             return run_tinyrl(tokens)
         finally:
-            sampling.cpu_kernels = fast
+            cpu.set_mode(None)
 
     runs = [("HF generate", run_hf), ("tinyrl sample", run_tinyrl)]
     if device.type == "cpu":
         runs.insert(1, ("tinyrl, torch kernels", run_tinyrl_default_kernels))
+    with sampling_kernels(model, n, len(prompt) + L // 2):  # auto: measure here, on this run's shapes
+        pass
     rows = []
     for name, fn in runs:
         fn(8)  # warm-up
@@ -83,6 +93,8 @@ def main():
     for name, tokens, seconds, rate in rows:
         print(f"{name:<24}{tokens:>8}{seconds:>10.2f}{rate:>11.1f}{rate / rows[0][3]:>7.2f}x")
     print(f"\ntinyrl / HF generate: {rows[-1][3] / rows[0][3]:.2f}x")
+    if device.type == "cpu":
+        print(f"tinyrl / tinyrl on torch kernels: {rows[-1][3] / rows[1][3]:.2f}x; kernels chosen: {cpu.describe(model)}")
     if args.profile:
         from torch.profiler import profile
 

@@ -22,12 +22,12 @@ from common import find_smollm2, seconds
 
 import train
 from tinyrl.memory import load_shape
-from tinyrl.model import packed_linear, packed_weight
+from tinyrl.cpu import packed_linear, packed_weight
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
     """FLOP/s of a square n x n matmul: the faster of torch's and, on CPU, oneDNN's on a packed weight
-    (the kernel of `tinyrl.model.packed_linears`)."""
+    (the kernel of `tinyrl.cpu.packed_linears`)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     layer = torch.nn.Linear(n, n, bias=False, device=device, dtype=dtype)
     kernels = [lambda: a @ layer.weight]

@@ -59,6 +59,8 @@ def test_real_cli_subprocess(tiny_dir, args, message):
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
     (["--digits", "3by3"], "--digits '3by3': expected AxB"),
+    (["--digits", "1-1x1-1"], "--digits '1-1x1-1' holds 1 distinct problem; at least 3 are needed"),
+    (["--cpu-kernels", "turbo"], "argument --cpu-kernels: invalid choice: 'turbo'"),
 ])
 def test_bad_flags(tiny_dir, tmp_path, capsys, args, message):
     line = in_process(train.main, ["--model", tiny_dir, "--out", str(tmp_path / "r"), *FAST, *args], capsys)
@@ -74,6 +76,12 @@ def test_missing_model_and_unreachable_hub(tmp_path, capsys):
     line = one_error_line(r.stderr)
     assert r.returncode == 2 and "could not load model 'nobody/no-such-model' (hub id)" in line
     assert "Pass a local folder" in line
+    # a hub that refuses connections (port 9 on this machine): one quick check, then the local cache only,
+    # instead of about a minute of retries
+    r = subprocess.run([sys.executable, "eval.py", "--task", "mult", "--model", "nobody/no-such-model"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""})
+    assert r.returncode == 2 and "the hub is unreachable from here" in one_error_line(r.stderr)
 
 
 def test_bad_adapters(tiny_dir, tmp_path, capsys):

@@ -65,7 +65,7 @@ def test_adapters_sit_on_last_layers(tiny, fraction, expected):
 
 
 def test_paper_layer_counts():
-    assert len(adapted_layers(28, 1 / 4)) == 7 and len(adapted_layers(28, 1 / 3)) == 9  # Qwen2-1.5B, SPEC §2
+    assert len(adapted_layers(28, 1 / 4)) == 7 and len(adapted_layers(28, 1 / 3)) == 9  # Qwen2-1.5B: 7 and 9 layers
     assert adapted_layers(28, 1 / 4) == list(range(21, 28))
 
 

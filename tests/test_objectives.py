@@ -1,4 +1,4 @@
-"""Hand-worked examples for the objectives (SPEC §5): every expected number is computed by hand below."""
+"""Hand-worked examples for the objectives (docs/design.md): every expected number is computed by hand below."""
 import math
 
 import pytest

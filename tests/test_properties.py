@@ -73,3 +73,57 @@ def test_sgrpo_selection_respects_alpha_and_k(length, alpha, k, p, seed):
         assert len(sel) == min(length, max(alpha, k))
     if p == 0.0:
         assert len(sel) == min(alpha, length)
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for the task builders: no chat template, one id per character."""
+    chat_template = None
+
+    def __call__(self, text):
+        return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
+
+
+def no_hang(seconds: float):
+    """Fail (instead of hanging the suite) if the block runs longer than `seconds`."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def fail(*_):
+            raise AssertionError(f"took more than {seconds} s")
+        previous = signal.signal(signal.SIGALRM, fail)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    return guard()
+
+
+ranges = st.tuples(st.integers(0, 40), st.integers(0, 40)).map(sorted)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ranges, ranges | st.tuples(st.integers(0, 3), st.integers(500, 5000)).map(sorted), st.randoms())
+def test_every_mult_range_builds_or_is_refused(a, b, rng):
+    """Small, equal, overlapping and lopsided ranges: a task whose held-out sets are disjoint thirds at most,
+    whose training draws avoid them, or a clear refusal when there are too few problems."""
+    from tinyrl.cli import UserError
+    from tinyrl.tasks import distinct_problems, mult_task
+
+    spec = f"{a[0]}-{a[1]}x{b[0]}-{b[1]}"
+    brute = len({(min(x, y), max(x, y)) for x in range(a[0], a[1] + 1) for y in range(b[0], b[1] + 1)})
+    assert distinct_problems(tuple(a), tuple(b)) == brute
+    with no_hang(5):
+        try:
+            task = mult_task(CharTokenizer(), spec)
+        except UserError as e:
+            assert brute < 3 and "distinct problem" in str(e)
+            return
+        train = [task.train(rng) for _ in range(50)]
+    key = lambda p: tuple(sorted(map(int, p.id.split("x"))))  # noqa: E731
+    test, val = {key(p) for p in task.test}, {key(p) for p in task.val}
+    assert len(test) == len(task.test) == min(3000, brute // 3) and len(val) == len(task.val) == min(500, brute // 3)
+    assert not test & val and not {key(p) for p in train} & (test | val)

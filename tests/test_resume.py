@@ -34,8 +34,12 @@ def adapter(path):
 
 
 @pytest.mark.parametrize("algo", ["tspmo", "sgrpo"])
-def test_stop_and_resume_equals_uninterrupted(toy_task, tmp_path, algo):
-    """On the toy task rewards vary, so trees branch, replay draws successes and failures, S-GRPO selects."""
+def test_stop_and_resume_equals_uninterrupted(toy_task, tmp_path, algo, monkeypatch):
+    """On the toy task rewards vary, so trees branch, replay draws successes and failures, S-GRPO selects.
+    Both runs must sum in the same order, so the CPU kernels are pinned rather than measured per process."""
+    pinned = os.environ.get("TINYRL_CPU_KERNELS") if os.environ.get("TINYRL_CPU_KERNELS") in ("torch", "fast") \
+        else "torch"
+    monkeypatch.setenv("TINYRL_CPU_KERNELS", pinned)
     flags = lambda out, steps: run_flags(toy_task, out, algo, steps) + ["--max-new-tokens", "2"]  # noqa: E731
     assert train.main(flags(tmp_path / "whole", 6)) == 0
     assert train.main(flags(tmp_path / "split", 3)) == 0  # stops after step 3 ...
@@ -131,3 +135,19 @@ def test_second_sigint_quits_at_once_and_keeps_the_last_checkpoint(tiny_dir, tmp
     assert train.main(["--resume", str(run), "--steps", "6"]) == 0
     logged = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_a_signal_during_set_up_exits_at_once(tiny_dir, tmp_path, monkeypatch):
+    """Before the loop there is nothing to save, so SIGTERM must not wait for a step that is minutes away."""
+    def endless_set_up(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # pure Python that never looks at a flag
+            pass
+        raise AssertionError("the signal did not stop the set-up")
+
+    monkeypatch.setattr(train, "load_task", endless_set_up)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(run_flags(tiny_dir, tmp_path / "run", "sgrpo", 3))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from tinyrl.lora import inject_lora, lora_modules
-from tinyrl.model import packed_linears
-from tinyrl.sampling import cpu_kernels, decode_attention, forward_step, generate_batch, new_cache, sample
+from tinyrl.sampling import forward_step, generate_batch, new_cache, sample
 
 EOS = [0, 2]
 
@@ -43,75 +42,6 @@ def test_generate_batch_equals_hf_generate(lora_model):
     ps = prompts(tokenizer)
     assert len({len(p) for p in ps}) > 1  # left padding is exercised
     assert generate_batch(model, ps, 40, 0.0, EOS, pad_id=0) == [hf_greedy(model, p, 40) for p in ps]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mask_kind", [None, "bool", "float"])
-def test_decode_attention_equals_sdpa(dtype, mask_kind):
-    """The CPU decode attention against torch's SDPA in float64: GQA (6 heads on 2), padding masks of both kinds."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(5, 6, 1, 16, generator=g).to(dtype)
-    k, v = (torch.randn(5, 2, 9, 16, generator=g).to(dtype) for _ in range(2))
-    keep = torch.ones(5, 1, 1, 9, dtype=torch.bool)
-    keep[1, ..., :3] = keep[4, ..., :1] = False  # left padding in two rows
-    mask = {None: None, "bool": keep, "float": torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, -1e9)}[mask_kind]
-    module = torch.nn.Module()
-    module.num_key_value_groups = 3
-    out, _ = decode_attention(module, q, k, v, mask)
-    expected = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1),
-        attn_mask=None if mask_kind is None else keep)
-    assert out.dtype == dtype and out.shape == (5, 1, 6, 16)
-    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bfloat16: the exact result, rounded once
-    assert torch.allclose(out.double(), expected.transpose(1, 2), atol=tol, rtol=tol)
-
-
-def test_cpu_kernels_change_no_result_and_are_scoped(lora_model):
-    """Inside cpu_kernels: the frozen linears run on packed oneDNN weights and decode steps on
-    decode_attention, the logits equal the plain ones to float32 rounding; on exit all is as before."""
-    model, tokenizer = lora_model
-    ids = torch.tensor([prompts(tokenizer)[0]])
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    with torch.no_grad():
-        plain_cache = new_cache(model, capacity=ids.shape[1] + 1)
-        plain = [forward_step(model, ids, plain_cache), forward_step(model, ids[:, :1], plain_cache)]
-    with pytest.raises(RuntimeError), cpu_kernels(model), torch.no_grad():
-        assert model.config._attn_implementation == "tinyrl_decode"
-        assert all("forward" in vars(m) for m in linears) == torch.backends.mkldnn.is_available()
-        cache = new_cache(model, capacity=ids.shape[1] + 1)
-        fast = [forward_step(model, ids, cache), forward_step(model, ids[:, :1], cache)]  # prefill, one decode step
-        for a, b in zip(fast, plain):
-            assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-        with torch.enable_grad():  # autograd on: the plain path, so gradients stay right
-            x = torch.randn(2, linears[0].in_features, requires_grad=True)
-            linears[0](x).sum().backward()
-            assert torch.allclose(x.grad, linears[0].weight.sum(0).expand(2, -1))
-        raise RuntimeError
-    assert model.config._attn_implementation == "sdpa"
-    assert not any("forward" in vars(m) for m in linears)
-    torch.backends.mkldnn.enabled = False  # the documented off switch
-    try:
-        with cpu_kernels(model):
-            assert not any("forward" in vars(m) for m in linears)
-    finally:
-        torch.backends.mkldnn.enabled = True
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_packed_weights_follow_every_change_of_the_weight():
-    """The packed copy is kept with the layer; an in-place edit (merge_lora), a new Parameter or a
-    swapped .data must each be seen, or the layer would compute with stale weights."""
-    layer = torch.nn.Linear(8, 4).requires_grad_(False)
-    x = torch.randn(3, 8)
-    changes = [lambda: layer.weight.mul_(2),
-               lambda: setattr(layer, "weight", torch.nn.Parameter(torch.randn(4, 8), requires_grad=False)),
-               lambda: setattr(layer.weight, "data", torch.randn(4, 8))]
-    with torch.no_grad():
-        for change in [lambda: None, *changes]:
-            change()
-            with packed_linears(layer):
-                assert "forward" in vars(layer)
-                assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-6)
 
 
 def test_kv_cache_logits_equal_full_forward(lora_model):

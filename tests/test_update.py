@@ -1,11 +1,8 @@
 """The update path on a real (tiny) model: gradient signs, selective head == full logits, no autograd below LoRA."""
-import contextlib
-
 import pytest
 import torch
 
-import tinyrl.model
-import tinyrl.update
+from tinyrl import cpu
 from tinyrl.lora import inject_lora, lora_modules, lora_parameters
 from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select
 from tinyrl.update import grpo_backward, pack, selected_logprobs, tspmo_backward, tspmo_positions
@@ -110,13 +107,16 @@ def test_update_on_packed_cpu_kernels_equals_torch_kernels(model, algo, monkeypa
     """On CPU the update runs frozen layers on oneDNN (packed W forward, packed W^T backward): same loss and
     gradients as torch's own kernels, and the packed backward really ran."""
     calls = []
-    backward = tinyrl.model._PackedLinear.backward
-    monkeypatch.setattr(tinyrl.model._PackedLinear, "backward",
+    backward = cpu._PackedLinear.backward
+    monkeypatch.setattr(cpu._PackedLinear, "backward",
                         staticmethod(lambda ctx, grad: calls.append(ctx.layer) or backward(ctx, grad)))
+    monkeypatch.setattr(cpu, "_mode", "fast")
     loss_packed, g_packed = backward_once(model, algo)
     assert model.lm_head in calls and len(set(calls)) > 1  # the LM head and the layers above the first LoRA layer
-    monkeypatch.setattr(tinyrl.update, "packed_linears", lambda model, backward=False: contextlib.nullcontext())
+    monkeypatch.setattr(cpu, "_mode", "torch")
+    calls.clear()
     loss_torch, g_torch = backward_once(model, algo)
+    assert not calls
     assert loss_packed == pytest.approx(loss_torch, rel=1e-5, abs=1e-8)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_packed, g_torch))
     assert not any("forward" in vars(m) for m in model.modules())  # the layers are as they were

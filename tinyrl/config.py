@@ -1,7 +1,7 @@
 """One flat training config: a dataclass, the paper's presets per (algo, task), and flags that override them.
 
-Fields left at None take the preset of their (algo, task) pair (SPEC §2, §5, §6; paper §IV-A and
-the ablations); every field is a flag (`group_size` -> `--group-size`).
+Fields left at None take the preset of their (algo, task) pair (paper §IV-A and the ablations;
+docs/design.md); every field is a flag (`group_size` -> `--group-size`).
 """
 from __future__ import annotations
 
@@ -29,28 +29,28 @@ class Config:
     digits: str = F("3x3", "mult operands: 3x3 (paper: 101..999), 2x1, or ranges like 11-99x2-9")
     svamp_file: str | None = F(None, "local SVAMP.json instead of the cached download")
     svamp_sha256: str = F(SVAMP_SHA256, "expected sha256 of the SVAMP file, or 'none'")
-    # LoRA (SPEC §2)
+    # LoRA
     lora_rank: int = F(None, "r (paper: 8 mult, 16 svamp)")
-    lora_alpha: float | None = F(None, "LoRA alpha; default = rank, i.e. scaling 1 (SPEC DECIDED)")
+    lora_alpha: float | None = F(None, "LoRA alpha; default = rank, i.e. scaling 1 (paper silent; docs/design.md)")
     lora_fraction: float = F(None, "adapt q/v of the last fraction of layers (paper: 1/4 mult, 1/3 svamp)")
-    # sampling (SPEC §3)
+    # sampling
     group_size: int = F(None, "|G| completions per prompt (paper: 8 GRPO/S-GRPO, 50 T-SPMO)")
     temperature: float = F(0.3, "sampling temperature (paper: 0.3)")
     max_new_tokens: int = F(300, "completion length limit (paper: 300)")
-    # objectives (SPEC §5)
+    # objectives
     alpha: int = F(None, "S-GRPO: the first alpha tokens always count (paper: 50 mult, 100 svamp)")
     k: int = F(None, "S-GRPO: at most k tokens count (paper: 100)")
-    p: float = F(None, "S-GRPO: later tokens count with probability P (not in paper; SPEC DECIDED 0.1)")
+    p: float = F(None, "S-GRPO: later tokens count with probability P (paper silent: 0.1; docs/design.md)")
     beta: float = F(None, "KL coefficient, GRPO/S-GRPO (paper: 0.01)")
     lam: float = F(None, "T-SPMO L2 coefficient on the LoRA weights (paper: 0.01)")
     clip_eps: float | None = F(None, "PPO epsilon-clip of the ratio; off by default (one update per group)")
     log_prob: bool = F(False, "T-SPMO: use log pi instead of pi in Eq. (10) (not the paper)")
-    # replay (T-SPMO, SPEC §5.4)
+    # replay (T-SPMO)
     replay_success: int = F(None, "C_success replays per step (paper: 1 mult, 0 svamp)")
     replay_failure: int = F(None, "C_failure replays per step (paper: 0)")
-    replay_capacity: int = F(1000, "replay buffer size, FIFO (SPEC DECIDED)")
-    replay_threshold: float = F(1.0, "r: a completion with R >= r is a success (SPEC DECIDED)")
-    # optimisation (SPEC §6)
+    replay_capacity: int = F(1000, "replay buffer size, FIFO (paper silent; docs/design.md)")
+    replay_threshold: float = F(1.0, "r: a completion with R >= r is a success (paper silent; docs/design.md)")
+    # optimisation
     steps: int = F(None, "optimizer steps (paper: mult 350 T-SPMO, 450 S-GRPO/GRPO; svamp 400, 325)")
     lr: float = F(1e-4, "AdamW learning rate (paper: 1e-4), weight decay 0")
     batch_size: int = F(1, "prompts per optimizer step, by gradient accumulation (paper: 1; Table IV: 8)")
@@ -70,6 +70,8 @@ class Config:
     parallel: str = F("group", "under torchrun: group (split one prompt's |G|) | prompts (a prompt per rank)")
     max_batch_tokens: int = F(8192, "token budget of one training forward pass")
     dtype: str = F("float32", "float32 (paper) | bfloat16 | float16")
+    cpu_kernels: str | None = F(None, "CPU only: auto (use oneDNN linears / two-matmul decode attention where "
+                                      "measured faster here) | torch | fast (default: $TINYRL_CPU_KERNELS, else auto)")
     device: str | None = F(None, "cpu, cuda, cuda:1, ... (default: CUDA when present)")
 
 
@@ -83,7 +85,7 @@ def preset(algo: str, task: str) -> dict:
     if algo in ("grpo", "sgrpo"):
         out.update(group_size=8, beta=0.01)
     if algo == "sgrpo":
-        out.update(alpha=50 if task == "mult" else 100, k=100, p=0.1)  # Table III best; P: SPEC DECIDED
+        out.update(alpha=50 if task == "mult" else 100, k=100, p=0.1)  # Table III best; P = 0.1: our choice
     if algo == "tspmo":
         out.update(group_size=50, lam=0.01, replay_success=1 if task == "mult" else 0)  # Table V best
     return out
@@ -91,7 +93,7 @@ def preset(algo: str, task: str) -> dict:
 
 # fields that may change when a run resumes; the others define the run and must stay as they were
 RESUMABLE = {"steps", "eval_every", "save_every", "keep", "device", "max_bad_steps", "test_n", "eval_batch_size",
-             "out", "parallel"}
+             "out", "parallel", "cpu_kernels"}
 
 
 def _check(cfg: Config) -> None:
@@ -139,7 +141,8 @@ def _parser() -> ArgParser:
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
         choices = {"algo": ["grpo", "sgrpo", "tspmo"], "task": ["mult", "svamp"],
-                   "dtype": ["float32", "bfloat16", "float16"], "parallel": ["group", "prompts"]}.get(f.name)
+                   "dtype": ["float32", "bfloat16", "float16"], "parallel": ["group", "prompts"],
+                   "cpu_kernels": ["auto", "torch", "fast"]}.get(f.name)
         p.add_argument(flag, type=kind, choices=choices, help=f.metadata["help"])
     return p
 
@@ -171,7 +174,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str | None]:
             if getattr(cfg, name) is None:
                 setattr(cfg, name, value)
         if cfg.lora_alpha is None:
-            cfg.lora_alpha = float(cfg.lora_rank)  # scaling 1 (SPEC §2 DECIDED)
+            cfg.lora_alpha = float(cfg.lora_rank)  # scaling 1 (our choice; docs/design.md)
         if cfg.out is None:
             cfg.out = os.path.join("runs", f"{cfg.algo}-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check(cfg)

@@ -1,4 +1,4 @@
-"""Accuracy of a model on a list of problems: batched greedy decoding, parse, compare (SPEC §3-§4)."""
+"""Accuracy of a model on a list of problems: batched greedy decoding, parse, compare."""
 from __future__ import annotations
 
 import math
@@ -36,7 +36,7 @@ def evaluate(
 ) -> dict:
     """Return {"accuracy", "ci95", "n", "correct", "tokens", "seconds", "tokens_per_s", "records"}.
 
-    Each record: id, prompt, completion, parsed, answer, correct. Greedy by default (SPEC §3 DECIDED).
+    Each record: id, prompt, completion, parsed, answer, correct. Greedy by default (the paper does not say).
     Under torchrun each rank takes every world-th problem and all ranks get every record, in order."""
     from tqdm.auto import tqdm
 

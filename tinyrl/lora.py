@@ -1,4 +1,4 @@
-"""Hand-written LoRA on the q/v projections of the last decoder layers (SPEC §2, Hu et al. 2021).
+"""Hand-written LoRA on the q/v projections of the last decoder layers (Hu et al. 2021).
 
     h = W0·x + (alpha / r) · B·A·x        A: (r, in) Kaiming-uniform,  B: (out, r) zeros
 
@@ -58,7 +58,7 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def adapted_layers(num_layers: int, fraction: float) -> list[int]:
-    """Indices of the last max(1, round(f·L)) layers (SPEC §2; Qwen2-1.5B: 7 for 1/4, 9 for 1/3)."""
+    """Indices of the last max(1, round(f·L)) layers (Qwen2-1.5B: 7 for 1/4, 9 for 1/3)."""
     if not 0 < fraction <= 1:
         raise UserError(f"LoRA fraction must be in (0, 1], got {fraction}")
     n = max(1, round(fraction * num_layers))
@@ -75,7 +75,7 @@ def inject_lora(
 ) -> list[str]:
     """Wrap `targets` in the last `fraction` of decoder layers (or exactly `layers`); return the wrapped names.
 
-    alpha defaults to the rank (scaling 1.0, SPEC §2 DECIDED)."""
+    alpha defaults to the rank (scaling 1.0, our choice; the paper gives no alpha)."""
     if rank < 1:
         raise UserError(f"LoRA rank must be >= 1, got {rank}")
     if lora_modules(model):
@@ -109,7 +109,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @contextmanager
 def disable_lora(model: nn.Module):
-    """Inside this block the model is the base model: pi_ref (SPEC §2)."""
+    """Inside this block the model is the base model: pi_ref."""
     modules = list(lora_modules(model).values())
     if any(m.merged for m in modules):
         raise RuntimeError("disable_lora needs unmerged adapters; call unmerge_lora first")

@@ -9,8 +9,9 @@ forward pass of --max-batch-tokens + one layer's transient work + one LM-head ch
 keeps per token in a LoRA layer follows from which tensors each op saves when only LoRA trains:
 frozen linears save nothing (their weight needs no gradient); RMSNorm saves its input and its
 normalised output, LoRA its input, SDPA q, k, v and the output, the MLP the gate and up outputs
-and SiLU(gate). On CPU both phases also hold oneDNN's packed copy of the linear weights, and the
-update a packed W^T of the layers it backpropagates through (`tinyrl.model.packed_linears`).
+and SiLU(gate). With `--device cpu` both phases also count oneDNN's packed copy of the linear
+weights, and the update a packed W^T of the layers it backpropagates through: the most the CPU
+kernels can take (tinyrl/cpu.py), held only where this machine's measurement chose them.
 `tests/test_memory.py` checks the predictions against measured peaks.
 """
 from __future__ import annotations
@@ -86,8 +87,10 @@ def load_shape(model: str) -> Shape:
 
 def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, lora_fraction: float,
             dtype: str = "float32", chunk_size: int | None = None, max_batch_tokens: int = 8192,
-            prompt_tokens: int = PROMPT_TOKENS, device: str = "cuda") -> dict[str, float]:
-    """Bytes of each item and the peak of each phase (the algorithm enters through group_size only)."""
+            prompt_tokens: int = PROMPT_TOKENS, device: str = "cuda", packed: bool | None = None) -> dict[str, float]:
+    """Bytes of each item and the peak of each phase (the algorithm enters through group_size only).
+
+    packed: count oneDNN's packed weights (CPU only; default: on a CPU, the most the kernels can take)."""
     b = BYTES[dtype]
     H, I, V, L = shape.hidden_size, shape.intermediate_size, shape.vocab_size, shape.num_hidden_layers
     q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
@@ -100,10 +103,10 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
     rows = min(chunk_size or group_size, group_size)
     kv_cache = 2 * L * kv * seq * rows * b  # keys and values of every layer, preallocated
     step_logits = rows * V * (4 + 4 + 4 + 8 + 8)  # logits, logits / T, softmax, float64 copy, its cumsum
-    # on CPU, oneDNN's packed copy of every nn.Linear weight (tinyrl.model.packed_linears), LM head included; the
+    # on CPU, oneDNN's packed copy of every nn.Linear weight (tinyrl.cpu.packed_linears), LM head included; the
     # update also packs W^T where an input needs a gradient: from the first LoRA layer's o_proj up, and the LM head
     layer_linears = H * q + 2 * H * kv + q * H + 3 * H * I
-    cpu = device == "cpu"
+    cpu = device == "cpu" and (packed is None or packed)
     packed = (L * layer_linears + V * H) * b * cpu
     packed_t = (n_lora * layer_linears - (H * q + 2 * H * kv) + V * H) * b * cpu
     sampling = weights + lora_state + kv_cache + step_logits + packed
@@ -133,6 +136,33 @@ def suggest(shape: Shape, budget_bytes: float, **kw) -> tuple[int, int] | None:
     tokens = next((t for t in (32768, 16384, 8192, 4096, 2048, 1024, 512)
                    if predict(shape, **{**kw, "max_batch_tokens": t})["update_peak"] <= budget_bytes), None)
     return (chunk, tokens) if chunk and tokens else None
+
+
+def cost_note(cfg) -> str | None:
+    """For a run about to start on a CPU with a large model: what it will cost, before anything is loaded.
+    Memory is the planner's prediction; time is a floor from FLOPs at 100 GFLOP/s per core."""
+    import torch
+
+    if torch.cuda.is_available() and (cfg.device is None or cfg.device.startswith("cuda")):
+        return None
+    try:
+        shape = load_shape(cfg.model)
+    except UserError:
+        return None
+    P = shape.params()
+    est = predict(shape, cfg.group_size, cfg.max_new_tokens, cfg.lora_rank, cfg.lora_fraction, cfg.dtype,
+                  cfg.chunk_size, cfg.max_batch_tokens, device="cpu")
+    tokens = cfg.group_size * cfg.max_new_tokens * cfg.batch_size * (1 + cfg.replay_success + cfg.replay_failure)
+    flops = tokens * 2 * P * (1 + 2 * cfg.lora_fraction + (cfg.beta > 0))  # sample, update through LoRA, reference
+    seconds = flops / (100e9 * torch.get_num_threads())
+    if seconds < 60:
+        return None
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    of_ram = f" of this machine's {ram / GiB:.0f}" if ram else ""
+    return (f"  note: no GPU. On this CPU ({torch.get_num_threads()} threads) this run needs about "
+            f"{est['peak'] / GiB:.1f}{of_ram} GiB (python -m tinyrl.memory) and at least {seconds / 60:.0f} min a step, "
+            f"{seconds * cfg.steps / 3600:.0f} h for {cfg.steps} steps.\n"
+            f"  To see tinyrl learn on a CPU in 15 minutes, run the CPU demo in the README (SmolLM2-135M, 2x1 digits).\n")
 
 
 def main(argv=None) -> int:

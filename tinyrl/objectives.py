@@ -1,4 +1,4 @@
-"""The three critic-free objectives as pure functions of tensors (SPEC §5).
+"""The three critic-free objectives as pure functions of tensors (docs/design.md).
 
 GRPO (Eq. 2-4), S-GRPO's token selection (Algorithm 1) and loss (Eq. 5-6), and T-SPMO's prefix
 tree, pair advantages and objective (Eq. 7-10). Nothing here knows about models or tinyrl types:
@@ -10,7 +10,7 @@ import torch
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """Â_i = (R_i - mean R) / (std R + 1e-4), std with Bessel's correction as in TRL (Eq. 2, SPEC §5.1)."""
+    """Â_i = (R_i - mean R) / (std R + 1e-4), std with Bessel's correction as in TRL (Eq. 2)."""
     rewards = rewards.float()
     return (rewards - rewards.mean()) / (rewards.std(unbiased=True) + 1e-4)  # Eq. (2)
 
@@ -24,7 +24,7 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 def sgrpo_select(length: int, alpha: int, k: int, p: float, generator: torch.Generator | None = None) -> list[int]:
     """Algorithm 1: the 0-based positions of one completion's tokens that enter the S-GRPO loss.
 
-    Position j is kept if j < alpha (SPEC DECIDED: the first alpha tokens); after that, while fewer
+    Position j is kept if j < alpha (our reading: the first alpha tokens); after that, while fewer
     than k are kept, each is kept with probability p; once k are kept the loop stops."""
     draws = torch.rand(length, generator=generator).tolist()  # one uniform per position, from its own stream
     selected: list[int] = []
@@ -54,7 +54,7 @@ def grpo_loss(
     advantages: (B,). Returns the mean over the B completions of each one's token mean, so a
     caller that feeds a group in slices scales each slice's loss by B_slice / |G| (Algorithm 2).
     One update per group (mu = 1) makes pi_old = pi_theta: the ratio is exactly 1 in value and
-    its gradient is grad log pi; the eps-clip is an option that then changes nothing (SPEC §1)."""
+    its gradient is grad log pi; the eps-clip is an option that then changes nothing."""
     old = logp.detach() if logp_old is None else logp_old
     ratio = torch.exp(logp - old)
     adv = advantages[:, None].to(logp.dtype)
@@ -77,7 +77,7 @@ sgrpo_loss = grpo_loss  # Eq. (5) is Eq. (3) restricted to the tokens T_i chosen
 
 
 class PrefixTree:
-    """A trie over the completions of one prompt (T-SPMO, SPEC §5.3). Node 0 is the root: the prompt.
+    """A trie over the completions of one prompt (T-SPMO). Node 0 is the root: the prompt.
 
     Every other node is a unique (prefix p, next token v) pair, i.e. an edge into it; it holds
     |G_{p∘v}| and the sum of R over the completions that pass through it."""
@@ -140,7 +140,7 @@ def tspmo_loss(
 
     logp: (N,) log pi(v|p) of the pairs given (those with A != 0 suffice: the others add 0);
     advantages: (N,); num_pairs: |U|, all unique pairs of the tree. The objective uses pi, not
-    log pi, as written (SPEC §5.3); log_prob=True is the log-pi variant. Pass `lora_weights`
+    log pi, as written in Eq. (10); log_prob=True is the log-pi variant. Pass `lora_weights`
     once per update (not once per slice) so the L2 term counts once."""
     pi = logp if log_prob else torch.exp(logp)
     objective = (pi * advantages.to(pi.dtype)).sum() / num_pairs  # (1/|U|) Σ pi(v|p)·A(v|p), Eq. (10)

@@ -1,4 +1,4 @@
-"""T-SPMO's replay buffer (paper §III-C "Replay-Based Resampling", SPEC §5.4).
+"""T-SPMO's replay buffer (paper §III-C "Replay-Based Resampling"; docs/design.md).
 
 Most completions of a prompt part ways within the first tokens, so the prefix tree says little
 about later ones. Replay restarts generation from a random point of a past completion and builds
@@ -25,7 +25,7 @@ class Episode:
 class ReplayBuffer:
     def __init__(self, capacity: int = 1000, threshold: float = 1.0, seed: int = 0):
         self.episodes: deque[Episode] = deque(maxlen=capacity)  # FIFO: the oldest leaves first
-        self.threshold = threshold  # r: success iff R >= r (SPEC DECIDED r = 1.0)
+        self.threshold = threshold  # r: success iff R >= r (r = 1.0; the paper is silent)
         self.rng = random.Random(seed)
 
     def add(self, episode: Episode) -> None:
@@ -42,7 +42,7 @@ class ReplayBuffer:
         """C_success episodes from the successes and C_failure from the failures, each with a cut m.
 
         m is uniform in [0, n-1] for a completion of n tokens: prompt + its first m tokens become the
-        new prefix, and the final token is never kept (SPEC DECIDED). An empty pool gives fewer draws."""
+        new prefix, and the final token is never kept (our choice; docs/design.md). An empty pool gives fewer draws."""
         out = []
         for pool, count in ((self.successes(), n_success), (self.failures(), n_failure)):
             for _ in range(count if pool else 0):
@@ -64,5 +64,5 @@ class ReplayBuffer:
 
 
 def replay_rewards(tokenizer, kept: list[int], continuations: list[list[int]], answer: int) -> list[float]:
-    """Score each continuation with the kept tokens in front: text = kept part + continuation (SPEC §5.4)."""
+    """Score each continuation with the kept tokens in front: text = kept part + continuation (paper §III-C)."""
     return [reward(tokenizer.decode(kept + c, skip_special_tokens=True), answer) for c in continuations]

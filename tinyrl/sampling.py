@@ -1,27 +1,24 @@
-"""Sampling with a KV cache, written out by hand (SPEC §3): no `model.generate`.
+"""Sampling with a KV cache, written out by hand: no `model.generate`.
 
 `sample` draws n completions of ONE prompt: the prompt is prefilled once, its cache is repeated
 per row, finished rows leave the batch, and at most `chunk_size` rows decode at a time. Keys and
 values go into preallocated buffers (no per-step concatenation), and tokens are drawn by inverting
 the cumulative distribution. `generate_batch` completes different prompts side by side (left
 padding, for evaluation). Temperature 0 is greedy. Completions come back as token lists that keep
-the EOS that ended them. On CPU both run on faster kernels (`cpu_kernels`): frozen linear layers on
-oneDNN with packed weights, and decode-step attention as two matmuls (`decode_attention`).
-`StaticDecoder` is the fixed-shape variant for CUDA graphs (--static-cache).
+the EOS that ended them. On CPU both may run on other kernels where a measurement on the machine
+says they are faster (`sampling_kernels`, tinyrl/cpu.py). `StaticDecoder` is the fixed-shape
+variant for CUDA graphs (--static-cache).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
+import time
 
 import torch
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from tinyrl.model import packed_linears
+from tinyrl import cpu
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,55 +94,36 @@ class FixedLayer(DynamicLayer):
         return self.k_buf.shape[2]
 
 
-def decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention for one new token per row as two float32 matmuls; every other call goes to HF's SDPA.
-
-    query (B, H, 1, d), key/value (B, kv_heads, L, d), attention_mask None or (B, 1, 1, L), bool (True =
-    attend) or additive. On CPU, torch's SDPA kernel for a single query is 4x slower than this in
-    bfloat16 and 1.2x in float32 (50 rows x 330 positions, bench/decode_kernels.py); the result is the
-    exact attention rounded once to the model's dtype."""
-    if query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    B, H, _, d = query.shape
-    kv_heads = key.shape[1]
-    q = query.reshape(B, kv_heads, H // kv_heads, d).float()  # GQA: the heads that share a key/value head
-    scores = q @ key.float().transpose(-1, -2) * (d ** -0.5 if scaling is None else scaling)  # (B, kv, H/kv, L)
-    if attention_mask is not None:
-        mask = attention_mask[..., -key.shape[2]:]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    out = scores.softmax(-1) @ value.float()  # (B, kv, H/kv, d)
-    return out.reshape(B, 1, H, d).to(value.dtype), None  # HF's layout: (B, q_len, H, d)
-
-
-AttentionInterface.register("tinyrl_decode", decode_attention)
-AttentionMaskInterface.register("tinyrl_decode", sdpa_mask)
-
-
-@contextlib.contextmanager
-def cpu_kernels(model):
-    """Within the block, a CPU model samples on faster kernels; on other devices nothing changes:
-    frozen linear layers on oneDNN (`tinyrl.model.packed_linears`), decode-step attention as two
-    matmuls (`decode_attention`) where the model uses SDPA."""
-    if next(model.parameters()).device.type != "cpu":
-        yield
-        return
-    swap_attention = model.config._attn_implementation == "sdpa"
-    if swap_attention:
-        model.config._attn_implementation = "tinyrl_decode"
-    try:
-        with packed_linears(model):
-            yield
-    finally:
-        if swap_attention:
-            model.config._attn_implementation = "sdpa"
-
-
 def new_cache(model, capacity: int | None = None) -> Cache:
     """A KV cache for `model`: preallocated for `capacity` positions, or HF's growing DynamicCache."""
     if capacity is None:
         return DynamicCache(config=model.config)
     return Cache(layers=[PreallocatedLayer(capacity) for _ in range(model.config.num_hidden_layers)])
+
+
+def sampling_kernels(model, rows: int, positions: int):
+    """The kernels a CPU model decodes on (`tinyrl.cpu.choose`): measured once, on a decode step of `rows`
+    rows over `positions` cached positions; elsewhere torch's own."""
+    if not cpu.is_cpu(model):
+        return cpu.use(model, cpu.TORCH)
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = torch.randint(vocab, (1, positions), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(vocab, (rows, 1), generator=torch.Generator().manual_seed(1))
+    filled: list[Cache] = []
+
+    def probe() -> float:
+        if not filled:  # the cached positions, filled once on torch's kernels
+            filled.append(new_cache(model, positions))
+            forward_step(model, prompt, filled[0])
+        cache = Cache(layers=[layer.repeat_rows(rows, positions + 1) for layer in filled[0].layers])
+        start = time.perf_counter()
+        forward_step(model, tokens, cache)
+        return time.perf_counter() - start
+
+    linear, attention = cpu.onednn_usable(), model.config._attn_implementation == "sdpa"
+    candidates = [cpu.Kernels(lin, att) for lin in {False, linear} for att in {False, attention}]
+    with torch.no_grad():
+        return cpu.use(model, cpu.choose(model, "decode", probe, candidates))
 
 
 def forward_step(model, input_ids, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
@@ -289,7 +267,7 @@ def sample(
     static=True decodes with fixed shapes and, on CUDA, under torch.compile with CUDA graphs (`StaticDecoder`)."""
     device = next(model.parameters()).device
     prompt = torch.as_tensor(prompt_ids, device=device).view(1, -1)  # (1, P)
-    with cpu_kernels(model):
+    with sampling_kernels(model, min(chunk_size or n, n), prompt.shape[1] + max_new_tokens // 2):
         prompt_cache = new_cache(model, capacity=prompt.shape[1])
         first_logits = forward_step(model, prompt, prompt_cache)  # (1, V): the prefill, done once
         chunk = chunk_size or n
@@ -328,7 +306,7 @@ def generate_batch(
         mask[i, width - len(p):] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S): each prompt starts at position 0
     cache = new_cache(model, capacity=width + max_new_tokens)
-    with cpu_kernels(model):
+    with sampling_kernels(model, len(prompts), width + max_new_tokens // 2):
         logits = forward_step(model, ids, cache, mask, position_ids)
         return decode(model, cache, logits, max_new_tokens, temperature, eos_ids, generator,
                       attention_mask=mask, positions=position_ids[:, -1])

@@ -1,4 +1,4 @@
-"""Tasks and the reward (SPEC §4; paper Appendix A and B).
+"""Tasks and the reward (paper Appendix A and B).
 
 A task is three lists of `Problem`s (train, val, test) or, for multiplication, a function that
 draws fresh training problems. The reward is 1.0 when the last integer of the completion equals
@@ -41,7 +41,7 @@ def parse_answer(text: str) -> int | None:
 
 
 def reward(text: str, answer: int) -> float:
-    """1.0 for an exactly right final integer, else 0.0 (SPEC §4)."""
+    """1.0 for an exactly right final integer, else 0.0."""
     return 1.0 if parse_answer(text) == answer else 0.0
 
 
@@ -87,14 +87,25 @@ def mult_problem(tokenizer, a: int, b: int) -> Problem:
     return Problem(f"{a}x{b}", prompt, ids, a * b)
 
 
+def distinct_problems(a_range: tuple[int, int], b_range: tuple[int, int]) -> int:
+    """How many different problems A x B the ranges hold, a pair and its swap counted once: the ordered
+    pairs, less one of each swapped pair (a, b), (b, a) with a != b that both ranges' overlap holds."""
+    (a_lo, a_hi), (b_lo, b_hi) = a_range, b_range
+    overlap = max(0, min(a_hi, b_hi) - max(a_lo, b_lo) + 1)
+    return (a_hi - a_lo + 1) * (b_hi - b_lo + 1) - overlap * (overlap - 1) // 2
+
+
 def mult_task(tokenizer, digits: str = "3x3", test_n: int = 3000, val_n: int = 500) -> Task:
     """A×B with operands uniform in the digit ranges. Test (fixed seed) and val are never drawn for training.
 
-    A pair and its swap count as the same problem. When the ranges hold few pairs, test and val
+    A pair and its swap count as the same problem. When the ranges hold few problems, test and val
     each take at most a third of them, so a third is always left for training."""
     (a_lo, a_hi), (b_lo, b_hi) = parse_digits(digits)
-    space = (a_hi - a_lo + 1) * (b_hi - b_lo + 1)
-    test_n, val_n = min(test_n, space // 3), min(val_n, space // 3)
+    distinct = distinct_problems((a_lo, a_hi), (b_lo, b_hi))
+    if distinct < 3:
+        raise UserError(f"--digits {digits!r} holds {distinct} distinct problem{'s' * (distinct != 1)}; "
+                        f"at least 3 are needed (one each for training, validation and test)")
+    test_n, val_n = min(test_n, distinct // 3), min(val_n, distinct // 3)
     draw_pair = lambda rng: (rng.randint(a_lo, a_hi), rng.randint(b_lo, b_hi))  # noqa: E731
     key = lambda a, b: (min(a, b), max(a, b))  # noqa: E731
 
@@ -102,7 +113,7 @@ def mult_task(tokenizer, digits: str = "3x3", test_n: int = 3000, val_n: int = 5
 
     def held_out(seed: int, n: int) -> list[tuple[int, int]]:
         rng, pairs = random.Random(seed), []
-        while len(pairs) < n:
+        while len(pairs) < n:  # ends: at most 2/3 of the distinct problems are ever held
             a, b = draw_pair(rng)
             if key(a, b) not in held:
                 held.add(key(a, b))

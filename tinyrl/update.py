@@ -9,7 +9,8 @@ Memory is the point (paper §III). Three rules keep the update small:
    the smallest budget; larger budgets give the same gradient with fewer passes.
 3. The reference pass (LoRA off) runs under no_grad, and only when beta > 0. Layers below the
    first LoRA layer hold no autograd state: nothing there requires grad, so autograd records nothing.
-On CPU the frozen linear layers run on oneDNN with packed weights (`tinyrl.model.packed_linears`).
+On CPU the frozen linear layers may run on oneDNN with packed weights where a measurement on the
+machine says it is faster (`update_kernels`, tinyrl/cpu.py).
 `shard=(rank, world)` makes each process handle its share for group-parallel training.
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
+from tinyrl import cpu
 from tinyrl.lora import disable_lora
-from tinyrl.model import packed_linears
 from tinyrl.objectives import PrefixTree, grpo_loss, tspmo_loss
 
 
@@ -64,6 +65,21 @@ def selected_logprobs(
     return torch.cat(out)
 
 
+def update_kernels(model, tokens: int = 256):
+    """The kernels a CPU model's update runs on (`tinyrl.cpu.choose`): measured once, on a forward pass of
+    `tokens` tokens and the LM head over them; elsewhere torch's own."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
+
+    def forward():
+        with torch.no_grad():
+            model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state)
+
+    kernels = cpu.choose(model, "update", cpu.timed(forward), [cpu.Kernels(linear=True)]) if cpu.is_cpu(model) \
+        else cpu.TORCH
+    return cpu.use(model, kernels, backward=True)
+
+
 def pack(lengths: dict[int, int], max_batch_tokens: int | None, min_fill: float = 0.75) -> list[list[int]]:
     """Group keys into forward passes of similar length under a token budget.
 
@@ -105,7 +121,7 @@ def grpo_backward(
     # max_batch_tokens (a budget of one completion is Algorithm 2). The gradient is the same sum either way.
     mine = {i: len(prompt_ids) + max(positions[i]) for i in range(G) if positions[i] and i % world == rank}
     stats = {"loss": 0.0, "kl": 0.0, "tokens_in_loss": 0, "forward_tokens": 0, "forward_passes": 0}
-    with packed_linears(model, backward=True):  # on CPU: the frozen layers on oneDNN
+    with update_kernels(model):
         for batch in pack(mine, max_batch_tokens):
             args = (prompt_ids, [completions[i] for i in batch], [positions[i] for i in batch], pad_id)
             logp = selected_logprobs(model, *args, full_logits=full_logits)
@@ -172,7 +188,7 @@ def tspmo_backward(
              "forward_passes": 0}
     l2_weights = lora_weights if shard[0] == 0 else []  # the L2 term counts once, on rank 0
     device = next(model.parameters()).device
-    with packed_linears(model, backward=True):
+    with update_kernels(model):
         for batch in pack(mine, max_batch_tokens) or [[]]:  # [[]]: no pair has A != 0, only the L2 term acts
             if batch:
                 logp = selected_logprobs(model, prompt_ids, [completions[i] for i in batch],
