@@ -6,6 +6,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if os.environ.get("TINYRL_TEST_NO_ONEDNN"):  # run the suite with torch's oneDNN switched off (DEVELOPERS.md)
+    import torch
+
+    torch.backends.mkldnn.enabled = False
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):

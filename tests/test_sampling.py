@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tinyrl.lora import inject_lora, lora_modules
-from tinyrl.sampling import forward_step, generate_batch, new_cache, sample
+from tinyrl.sampling import forward_step, generate_batch, generate_continuous, new_cache, sample
 
 EOS = [0, 2]
 
@@ -116,3 +116,24 @@ def test_static_shapes_decode_equals_dynamic(lora_model):
     assert seeded() == first and len(first) == 6
     assert any(len(c) < 30 for c in first)  # rows that end early are cut at their EOS, which is kept
     assert all(c[-1] in EOS for c in first if len(c) < 30) and all(t not in EOS for c in first for t in c[:-1])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_continuous_batching_equals_one_prompt_at_a_time(lora_model, batch_size):
+    """Prompts of 1-30 tokens, rows ending by EOS (frequent tokens made EOS ids) or by the token limit, slots
+    refilled mid-decode; batch size 1 decodes long enough to drop unused columns from the cache."""
+    import collections
+    import random
+
+    model, _ = lora_model
+    rng = random.Random(0)
+    ps = [[rng.randrange(3, 200) for _ in range(rng.randint(1, 30))] for _ in range(23)]
+    free = [generate_batch(model, [p], 25, 0.0, EOS, pad_id=0)[0] for p in ps]
+    common = [t for t, _ in collections.Counter(t for c in free for t in c[1:]).most_common(3)]
+    eos = EOS + common[::2]
+    alone = [generate_batch(model, [p], 25, 0.0, eos, pad_id=0)[0] for p in ps]
+    assert len({len(c) for c in alone}) > 3 and any(c[-1] in eos for c in alone)  # rows end at different times
+    done = []
+    got = generate_continuous(model, ps, 25, eos, batch_size, on_done=lambda i, c: done.append(i))
+    assert got == alone
+    assert sorted(done) == list(range(len(ps)))

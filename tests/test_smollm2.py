@@ -45,3 +45,18 @@ def test_eval_py_on_8_problems(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout and len(out.read_text().splitlines()) == 8
+
+
+def test_continuous_batching_equals_one_problem_at_a_time(smol):
+    """eval.py's engine on real prompts (2x1 multiplication, chat template): slots refilled as rows end give
+    the completions that decoding each problem alone gives, token for token."""
+    from tinyrl.model import eos_ids
+    from tinyrl.sampling import generate_batch, generate_continuous
+    from tinyrl.tasks import mult_task
+
+    model, tokenizer = smol
+    eos = eos_ids(model, tokenizer)
+    prompts = [p.prompt_ids for p in mult_task(tokenizer, "2x1").val[:8]]
+    alone = [generate_batch(model, [p], 64, 0.0, eos, eos[0])[0] for p in prompts]
+    assert len({len(c) for c in alone}) > 1  # some end before the limit, so slots are refilled mid-decode
+    assert generate_continuous(model, prompts, 64, eos, batch_size=3) == alone

@@ -1,4 +1,4 @@
-"""Accuracy of a model on a list of problems: batched greedy decoding, parse, compare."""
+"""Accuracy of a model on a list of problems: continuously batched greedy decoding, parse, compare."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import time
 import torch
 
 from tinyrl import dist
-from tinyrl.sampling import generate_batch
+from tinyrl.sampling import generate_continuous
 from tinyrl.tasks import Problem, parse_answer
 
 
@@ -37,27 +37,31 @@ def evaluate(
     """Return {"accuracy", "ci95", "n", "correct", "tokens", "seconds", "tokens_per_s", "records"}.
 
     Each record: id, prompt, completion, parsed, answer, correct. Greedy by default (the paper does not say).
+    Up to batch_size problems decode at once, a finished one's slot taking the next (`generate_continuous`).
     Under torchrun each rank takes every world-th problem and all ranks get every record, in order."""
     from tqdm.auto import tqdm
 
     rank, world = dist.rank(), dist.world()
     order = list(range(len(problems)))[rank::world]
     mine = [problems[i] for i in order]
-    records, tokens, start = [], 0, time.perf_counter()
+    records: list[dict] = [{} for _ in mine]
+    start = time.perf_counter()
     bar = tqdm(total=len(mine), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for i in range(0, len(mine), batch_size):
-        batch = mine[i:i + batch_size]
-        outs = generate_batch(model, [p.prompt_ids for p in batch], max_new_tokens, temperature, eos_ids, pad_id,
-                              generator)
-        for p, ids in zip(batch, outs):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            parsed = parse_answer(text)
-            records.append({"id": p.id, "prompt": p.prompt, "completion": text, "parsed": parsed,
-                             "answer": p.answer, "correct": parsed == p.answer})
-            tokens += len(ids)
-        correct = sum(r["correct"] for r in records)
-        bar.update(len(batch))
-        bar.set_postfix(acc=f"{correct / len(records):.3f}")
+    correct = done = 0
+
+    def record(i: int, ids: list[int]) -> None:
+        nonlocal correct, done
+        p, text = mine[i], tokenizer.decode(ids, skip_special_tokens=True)
+        parsed = parse_answer(text)
+        records[i] = {"id": p.id, "prompt": p.prompt, "completion": text, "parsed": parsed, "answer": p.answer,
+                      "correct": parsed == p.answer}
+        correct, done = correct + records[i]["correct"], done + 1
+        bar.update(1)
+        bar.set_postfix(acc=f"{correct / done:.3f}")
+
+    outs = generate_continuous(model, [p.prompt_ids for p in mine], max_new_tokens, eos_ids, batch_size, temperature,
+                               generator, pad_id, on_done=record)
+    tokens = sum(map(len, outs))
     bar.close()
     if world > 1:
         gathered = dist.gather(list(zip(order, records)))

@@ -310,3 +310,154 @@ def generate_batch(
         logits = forward_step(model, ids, cache, mask, position_ids)
         return decode(model, cache, logits, max_new_tokens, temperature, eos_ids, generator,
                       attention_mask=mask, positions=position_ids[:, -1])
+
+
+class _Slots:
+    """The KV cache of a continuously batched decode: one row per slot, columns shared by all rows.
+
+    Every decode step appends one column to every row. A prompt placed into a slot occupies the P
+    columns that end at the current width (earlier columns of that row are masked), so a new
+    problem joins without disturbing the others; `mask` (rows, width) marks each row's valid columns.
+    When the buffers are full, columns no row uses any more are dropped from the left."""
+
+    def __init__(self, model, rows: int, capacity: int):
+        self.cache = new_cache(model, capacity)
+        self.capacity, self.width, self.rows = capacity, 0, rows
+        self.mask = torch.zeros(rows, 0, dtype=torch.bool, device=next(model.parameters()).device)
+
+    def _resize(self, capacity: int, shift: int, keep_from: int = 0) -> None:
+        """Buffers of `capacity` columns holding the old columns [keep_from, width) at offset `shift`."""
+        for layer in self.cache.layers:
+            for name in ("k_buf", "v_buf"):
+                old = getattr(layer, name)
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, shift:shift + self.width - keep_from] = old[:, :, keep_from:self.width]
+                setattr(layer, name, new)
+            layer.capacity = capacity
+        mask = self.mask.new_zeros(self.mask.shape[0], shift + self.width - keep_from)
+        mask[:, shift:] = self.mask[:, keep_from:]
+        self.mask, self.capacity, self.width = mask, capacity, shift + self.width - keep_from
+        self._sync()
+
+    def _sync(self) -> None:
+        for layer in self.cache.layers:
+            layer.length = self.width
+            layer.keys, layer.values = layer.k_buf[:, :, :self.width], layer.v_buf[:, :, :self.width]
+
+    def place(self, slot: int, prompt_cache: Cache, row: int = 0) -> None:
+        """Put row `row` of a prefilled prompt cache into `slot`, ending at the current width."""
+        P = prompt_cache.layers[0].get_seq_length()
+        if not self.cache.layers[0].is_initialized:  # the first prompt: buffers shaped like its keys
+            for layer, src in zip(self.cache.layers, prompt_cache.layers):
+                layer.lazy_initialization(src.keys.expand(self.rows, -1, -1, -1), src.values.expand(self.rows, -1, -1, -1))
+        if P > self.width:  # room on the left for a prompt longer than the window
+            self._resize(max(self.capacity, 2 * P), shift=P - self.width)
+        for layer, src in zip(self.cache.layers, prompt_cache.layers):
+            layer.k_buf[slot, :, self.width - P:self.width] = src.keys[row]
+            layer.v_buf[slot, :, self.width - P:self.width] = src.values[row]
+        self.mask[slot] = False
+        self.mask[slot, self.width - P:] = True
+
+    def make_room(self, unused: int = 32) -> None:
+        """Room for one more column. Columns no row attends to any more are dropped once there are `unused` of
+        them (every decode step attends over the whole width) or the buffers are full; full even then: grow."""
+        first = int(self.mask.any(0).int().argmax()) if self.mask.any() else self.width
+        if first >= unused or (first > 0 and self.width >= self.capacity):
+            self._resize(self.capacity, shift=0, keep_from=first)
+        if self.width >= self.capacity:
+            self._resize(2 * self.capacity, shift=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+        self.rows = len(rows)
+
+
+@torch.no_grad()
+def generate_continuous(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_ids: list[int],
+    batch_size: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    pad_id: int = 0,
+    on_done=None,
+) -> list[list[int]]:
+    """One completion per prompt with continuous batching: up to `batch_size` rows decode together, and
+    when rows end (an EOS id or max_new_tokens) their slots take the next prompts, so no row waits for the
+    longest of a fixed batch. Slots are refilled once an eighth of them are free: prompts are prefilled
+    without padding (those of equal length together), then placed into the shared cache with their own
+    positions. on_done(i, tokens) is called as prompt i ends.
+    Greedy results equal one-prompt-at-a-time decoding (tested on the tiny model and SmolLM2)."""
+    device = next(model.parameters()).device
+    completions: list[list[int]] = [[] for _ in prompts]
+    if not prompts:
+        return completions
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    rows = min(batch_size, len(prompts))
+    longest = max(map(len, prompts))
+    slots = _Slots(model, rows, capacity=2 * (longest + max_new_tokens))
+    queue = iter(range(len(prompts)))
+    owner = [-1] * rows  # which prompt each slot decodes
+    length = torch.zeros(rows, dtype=torch.long, device=device)  # tokens of each row so far (prompt + generated)
+
+    def start(free: list[int]) -> dict[int, torch.Tensor]:
+        """Prefill the next prompts into the `free` slots; returns {slot: next-token logits (V,)}. Prompts of
+        equal length are prefilled together (no padding, so each row computes as it would alone)."""
+        taken = [(s, i) for s, i in zip(free, queue)]
+        by_length: dict[int, list[tuple[int, int]]] = {}
+        for s, i in taken:
+            by_length.setdefault(len(prompts[i]), []).append((s, i))
+        logits = {}
+        for P, group in by_length.items():
+            prompt_cache = new_cache(model, capacity=P)
+            ids = torch.tensor([prompts[i] for _, i in group], device=device)  # (g, P)
+            out = forward_step(model, ids, prompt_cache)
+            for row, (s, i) in enumerate(group):
+                slots.place(s, prompt_cache, row)
+                owner[s], length[s], logits[s] = i, P, out[row]
+        return logits
+
+    with sampling_kernels(model, rows, longest + max_new_tokens // 2):
+        first = start(list(range(rows)))
+        logits = torch.stack([first[s] for s in range(rows)])  # (rows, V)
+        left = len(prompts) - rows  # prompts not started yet
+        refill_at = max(1, rows // 8)  # one prefill pass for several prompts costs less than one pass each
+        idle: list[int] = []  # slots whose row has ended; they wait (masked) for the next prompts
+        while True:
+            tokens = pick_tokens(logits, temperature, generator)
+            ended = torch.isin(tokens, eos).tolist()
+            for s, tok in enumerate(tokens.tolist()):
+                i = owner[s]
+                if i < 0:
+                    continue
+                completions[i].append(tok)
+                if ended[s] or len(completions[i]) == max_new_tokens:
+                    owner[s] = -1
+                    idle.append(s)
+                    if on_done:
+                        on_done(i, completions[i])
+            fresh: dict[int, torch.Tensor] = {}  # slots that took a new prompt: their prefill logits
+            if idle and left == 0:  # nothing left to start: the batch shrinks
+                keep = [s for s, i in enumerate(owner) if i >= 0]
+                if not keep:
+                    return completions
+                index = torch.tensor(keep, device=device)
+                slots.keep(index)
+                owner, tokens, length, idle = [owner[s] for s in keep], tokens[index], length[index], []
+            elif len(idle) >= min(refill_at, left) or len(idle) == len(owner):
+                fresh = start(idle)
+                left, idle = left - len(fresh), []
+            slots.make_room()
+            continuing = torch.tensor([i >= 0 and s not in fresh for s, i in enumerate(owner)], device=device)
+            step_mask = torch.cat([slots.mask, continuing[:, None]], dim=1)  # the new column: real tokens only
+            positions = torch.where(continuing, length, 0)[:, None]  # a continuing row's token sits at length
+            step_tokens = torch.where(continuing, tokens, pad_id)[:, None]
+            logits = forward_step(model, step_tokens, slots.cache, step_mask, positions)
+            slots.width += 1
+            slots.mask = step_mask
+            length = length + continuing.long()
+            for s, new in fresh.items():
+                logits[s] = new

@@ -1,0 +1,109 @@
+"""Greedy evaluation engines on the same problems: eval.py's continuous batching against HF `generate` in
+static batches and tinyrl's static-batch `generate_batch`.
+
+    python bench/eval_speed.py [--model FILE.gguf] [--svamp-file SVAMP.json] [--n 64] [--batch-size 16]
+                               [--max-new-tokens 200] [--dtype bfloat16] [--digits 2x1] [--split val]
+
+For each task (SVAMP when --svamp-file is given, then multiplication), the first n problems of the
+split are decoded greedily with the same token limit and EOS ids by:
+- HF generate, static batches of batch-size (left-padded; a batch runs until its longest row ends);
+- tinyrl generate_batch, the same static batches;
+- tinyrl generate_continuous (what eval.py and in-training validation run): a finished row's slot
+  takes the next problem at once (--sorted: also with the problems sorted by prompt length).
+Prints wall seconds, generated tokens (up to and including the EOS), tokens/s and the speed-up over
+HF, and how many completions differ from HF's and from generate_batch's.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import load_bench_model  # (also puts the repository on sys.path)
+
+from tinyrl.model import eos_ids, pad_id
+from tinyrl.sampling import generate_batch, generate_continuous
+from tinyrl.tasks import load_task
+
+
+def cut(ids: list[int], eos: list[int]) -> list[int]:
+    """Tokens up to and including the first EOS id."""
+    return next((ids[: i + 1] for i, t in enumerate(ids) if t in eos), ids)
+
+
+def hf_static(model, prompts, max_new_tokens, eos, pad, batch_size):
+    out = []
+    for b in range(0, len(prompts), batch_size):
+        batch = prompts[b:b + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=pad, top_k=None, top_p=None, temperature=None)
+        out += [cut(row[width:].tolist(), eos) for row in gen]
+    return out
+
+
+def tinyrl_static(model, prompts, max_new_tokens, eos, pad, batch_size):
+    return [c for b in range(0, len(prompts), batch_size)
+            for c in generate_batch(model, prompts[b:b + batch_size], max_new_tokens, 0.0, eos, pad)]
+
+
+def tinyrl_continuous(model, prompts, max_new_tokens, eos, pad, batch_size):
+    return generate_continuous(model, prompts, max_new_tokens, eos, batch_size, pad_id=pad)
+
+
+def tinyrl_continuous_sorted(model, prompts, max_new_tokens, eos, pad, batch_size):
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    outs = generate_continuous(model, [prompts[i] for i in order], max_new_tokens, eos, batch_size, pad_id=pad)
+    return [c for _, c in sorted(zip(order, outs))]
+
+
+ENGINES = [("HF generate, static batches", hf_static), ("tinyrl generate_batch, static", tinyrl_static),
+           ("tinyrl continuous (eval.py)", tinyrl_continuous)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a .gguf / folder / hub id (default: the SmolLM2 GGUF if found)")
+    p.add_argument("--svamp-file", help="a local SVAMP.json: adds the SVAMP rows")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--digits", default="2x1")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--sorted", action="store_true", help="add a row: continuous, problems sorted by prompt length")
+    args = p.parse_args()
+    engines = ENGINES + [("tinyrl continuous, sorted by length", tinyrl_continuous_sorted)] * args.sorted
+    model, tok, desc = load_bench_model(args.model, "cpu", None, args.dtype)
+    if tok is None:
+        raise SystemExit("needs a real model with a tokenizer: pass --model (the SmolLM2 GGUF, see DEVELOPERS.md)")
+    eos = eos_ids(model, tok)
+    pad = pad_id(tok, eos)
+    print(f"model: {desc}; torch threads {torch.get_num_threads()}; greedy, batch size {args.batch_size}, "
+          f"at most {args.max_new_tokens} new tokens")
+    tasks = ([("svamp", load_task("svamp", tok, svamp_file=args.svamp_file))] if args.svamp_file else []) + \
+        [(f"mult {args.digits}", load_task("mult", tok, args.digits))]
+    for name, task in tasks:
+        problems = getattr(task, args.split)[: args.n]
+        prompts = [q.prompt_ids for q in problems]
+        generate_continuous(model, prompts[: args.batch_size], 4, eos, args.batch_size, pad_id=pad)  # warm-up; CPU kernels measured
+        print(f"\n{name}, {args.split} split: {len(prompts)} problems, prompts of {min(map(len, prompts))}-"
+              f"{max(map(len, prompts))} tokens")
+        print(f"{'engine':<38}{'seconds':>9}{'tokens':>8}{'tokens/s':>10}{'vs HF':>8}{'differ: HF':>12}"
+              f"{'generate_batch':>16}")
+        results = []
+        for label, engine in engines:
+            start = time.perf_counter()
+            outs = engine(model, prompts, args.max_new_tokens, eos, pad, args.batch_size)
+            results.append((outs, time.perf_counter() - start))
+            (hf, hf_seconds), static = results[0], results[min(1, len(results) - 1)][0]
+            seconds, tokens = results[-1][1], sum(map(len, outs))
+            differ = [sum(a != b for a, b in zip(outs, ref)) for ref in (hf, static)]
+            print(f"{label:<38}{seconds:>9.1f}{tokens:>8}{tokens / seconds:>10.1f}{hf_seconds / seconds:>7.2f}x"
+                  f"{differ[0]:>12}{differ[1]:>16}")
+
+
+if __name__ == "__main__":
+    main()
