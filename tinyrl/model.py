@@ -91,10 +91,10 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
 
 
 def eos_ids(model, tokenizer) -> list[int]:
-    """Every id that ends a completion: the tokenizer's EOS, `<|im_end|>`, and the generation config's EOS list."""
-    ids = [tokenizer.eos_token_id]
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    ids.append(im_end)
+    """Every id that ends a completion: the tokenizer's EOS, `<|im_end|>` and `<|endoftext|>` where the vocabulary
+    has them (Qwen2's chat and base models each end with one of the two), and the generation config's EOS list."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] + [vocab.get(t) for t in ("<|im_end|>", "<|endoftext|>")]
     gen = getattr(model, "generation_config", None)
     gen_eos = getattr(gen, "eos_token_id", None)
     ids += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
