@@ -28,6 +28,22 @@ def tiny(tiny_dir):
     return load_model(tiny_dir, device="cpu")
 
 
+@pytest.fixture
+def lora_model(tiny):
+    """The tiny model with non-zero LoRA adapters, so the sampler is checked on what training samples from."""
+    import torch
+
+    from tinyrl.lora import inject_lora, lora_modules
+
+    model, tokenizer = tiny
+    inject_lora(model, rank=4, fraction=0.5)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+    return model, tokenizer
+
+
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """(model folder, Problem, base rate): a tiny model whose weights can grow confident (init_std 0.2) and a

@@ -4,21 +4,9 @@ import torch
 
 from tinyrl import cpu
 from tinyrl.cpu import Kernels, decode_attention, packed_linears
-from tinyrl.lora import inject_lora, lora_modules
 from tinyrl.sampling import forward_step, new_cache, sample
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-
-
-@pytest.fixture
-def lora_model(tiny):
-    model, tokenizer = tiny
-    inject_lora(model, rank=4, fraction=0.5)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
-    return model, tokenizer
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from tinyrl.lora import inject_lora, lora_modules
 from tinyrl.sampling import forward_step, generate_batch, generate_continuous, new_cache, sample
 
 EOS = [0, 2]
@@ -16,18 +15,6 @@ def hf_greedy(model, prompt, max_new_tokens, eos=EOS):
 def prompts(tokenizer):
     return [tokenizer(t).input_ids for t in ("What's 123 multiplied by 456?", "Problem: Dan had 3 apples",
                                              "7", "the answer is 1,234 apples and -5 more")]
-
-
-@pytest.fixture
-def lora_model(tiny):
-    """The tiny model with non-zero LoRA adapters, so the sampler is checked on what training samples from."""
-    model, tokenizer = tiny
-    inject_lora(model, rank=4, fraction=0.5)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
-    return model, tokenizer
 
 
 def test_greedy_sample_equals_hf_generate(lora_model):
