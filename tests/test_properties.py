@@ -105,7 +105,7 @@ def no_hang(seconds: float):
 ranges = st.tuples(st.integers(0, 40), st.integers(0, 40)).map(sorted)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(ranges, ranges | st.tuples(st.integers(0, 3), st.integers(500, 5000)).map(sorted), st.randoms())
 def test_every_mult_range_builds_or_is_refused(a, b, rng):
     """Small, equal, overlapping and lopsided ranges: a task whose held-out sets are disjoint thirds at most,
@@ -116,7 +116,7 @@ def test_every_mult_range_builds_or_is_refused(a, b, rng):
     spec = f"{a[0]}-{a[1]}x{b[0]}-{b[1]}"
     brute = len({(min(x, y), max(x, y)) for x in range(a[0], a[1] + 1) for y in range(b[0], b[1] + 1)})
     assert distinct_problems(tuple(a), tuple(b)) == brute
-    with no_hang(5):
+    with no_hang(60):  # only a hang trips this: building any of these takes well under a second
         try:
             task = mult_task(CharTokenizer(), spec)
         except UserError as e:
