@@ -106,15 +106,16 @@ def sampling_kernels(model, rows: int, positions: int):
     rows over `positions` cached positions; elsewhere torch's own."""
     if not cpu.is_cpu(model):
         return cpu.use(model, cpu.TORCH)
-    vocab = model.get_input_embeddings().num_embeddings
-    prompt = torch.randint(vocab, (1, positions), generator=torch.Generator().manual_seed(0))
-    tokens = torch.randint(vocab, (rows, 1), generator=torch.Generator().manual_seed(1))
-    filled: list[Cache] = []
+    filled: list = []  # built on the first probe only: once the choice is made, each call does no extra work
 
     def probe() -> float:
         if not filled:  # the cached positions, filled once on torch's kernels
-            filled.append(new_cache(model, positions))
+            vocab = model.get_input_embeddings().num_embeddings
+            prompt = torch.randint(vocab, (1, positions), generator=torch.Generator().manual_seed(0))
+            filled.extend([new_cache(model, positions),
+                           torch.randint(vocab, (rows, 1), generator=torch.Generator().manual_seed(1))])
             forward_step(model, prompt, filled[0])
+        tokens = filled[1]
         cache = Cache(layers=[layer.repeat_rows(rows, positions + 1) for layer in filled[0].layers])
         start = time.perf_counter()
         forward_step(model, tokens, cache)

@@ -68,10 +68,9 @@ def selected_logprobs(
 def update_kernels(model, tokens: int = 256):
     """The kernels a CPU model's update runs on (`tinyrl.cpu.choose`): measured once, on a forward pass of
     `tokens` tokens and the LM head over them; elsewhere torch's own."""
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.randint(vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
-
-    def forward():
+    def forward():  # built and run only while the choice is being measured
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = torch.randint(vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
         with torch.no_grad():
             model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state)
 
