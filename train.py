@@ -210,10 +210,10 @@ class Trainer:
         dist.all_reduce_grads(self.params)
         return finite_step(self.optimizer, self.params, loss)
 
-    def replay_updates(self) -> tuple[list[float], int, bool]:
+    def replay_updates(self) -> tuple[list[float], int, int, bool]:
         """T-SPMO replay (paper §III-C): extra updates on fresh continuations below a kept prefix of a past
-        completion. Returns (their rewards, how many updates, whether all were finite)."""
-        scores, updates, ok = [], 0, True
+        completion. Returns (their rewards, how many updates, tokens sampled, whether all were finite)."""
+        scores, updates, tokens, ok = [], 0, 0, True
         for episode, m in dist.broadcast(self.replay.draw(self.cfg.replay_success, self.cfg.replay_failure)):
             kept = episode.completion_ids[:m]
             prefix = episode.prompt_ids + kept
@@ -224,7 +224,8 @@ class Trainer:
             ok = self.optimizer_step(dist.total(stats["loss"])) and ok
             scores += rewards
             updates += 1
-        return scores, updates, ok
+            tokens += sum(map(len, continuations))
+        return scores, updates, tokens, ok
 
     def step(self, step: int) -> tuple[dict, list[dict]]:
         """One optimizer step (plus T-SPMO's replay updates): returns its metrics line and two samples per prompt."""
@@ -260,15 +261,15 @@ class Trainer:
             totals["completion_tokens"] = totals.get("completion_tokens", 0) + sum(map(len, completions))
 
         additive = ("loss", "kl", "tokens_in_loss", "forward_tokens", "forward_passes", "nonzero_pairs") + \
-            (() if group_parallel else ("num_pairs",))  # in group mode every rank holds the same tree
+            (() if group_parallel else ("num_pairs", "completion_tokens"))  # in group mode every rank holds all
         totals.update({k: dist.total(v) for k, v in totals.items() if k in additive})
         t4 = clock(device)
         ok = self.optimizer_step(totals["loss"])  # a non-finite update is dropped
         sec["optim"] = clock(device) - t4
-        replay_scores, replay_updates = [], 0
+        replay_scores, replay_updates, replay_tokens = [], 0, 0
         if cfg.algo == "tspmo" and ok:
             t5 = clock(device)
-            replay_scores, replay_updates, ok = self.replay_updates()
+            replay_scores, replay_updates, replay_tokens, ok = self.replay_updates()
             sec["replay"] = clock(device) - t5
 
         self.state["bad_steps"] = 0 if ok else self.state["bad_steps"] + 1
@@ -281,6 +282,7 @@ class Trainer:
             "loss": totals["loss"], "tokens_in_loss": totals["tokens_in_loss"],
             "forward_tokens": totals["forward_tokens"], "forward_passes": totals["forward_passes"],
             "completion_len": totals["completion_tokens"] / n,
+            "sampled_tokens": totals["completion_tokens"] + replay_tokens,
             **({"kl": totals["kl"] / cfg.batch_size / (1 if group_parallel else self.world)} if "kl" in totals else {}),
             **({"num_pairs": totals["num_pairs"], "nonzero_pairs": totals["nonzero_pairs"],
                 "replay_updates": replay_updates,

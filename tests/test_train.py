@@ -36,8 +36,12 @@ def test_two_steps_write_every_artifact(tiny_dir, tmp_path, algo, task, capsys):
         for key in ("reward_mean", "accuracy", "loss", "tokens_in_loss", "sec_sample", "sec_reward", "sec_loss",
                     "sec_optim", "peak_mem_mb", "val_accuracy"):
             assert key in m, key
+        sampled = m["completion_len"] * 3  # |G| = 3
         if algo == "tspmo":
             assert {"num_pairs", "nonzero_pairs", "replay_updates"} <= m.keys()
+            assert m["sampled_tokens"] >= sampled - 1e-6  # plus the replay continuations
+        else:
+            assert m["sampled_tokens"] == pytest.approx(sampled)
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2} and {"completion", "reward", "answer"} <= samples[0].keys()
     for adapter in ("best", "final", "checkpoints/step-000002/adapter"):
