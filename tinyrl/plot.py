@@ -12,21 +12,33 @@ import os
 from tinyrl.cli import ArgParser, UserError, run_main
 
 
-def read_run(run_dir: str) -> tuple[str, list[dict]]:
-    """(label, metrics lines) of one run directory."""
+def read_run(run_dir: str) -> tuple[str, dict, list[dict]]:
+    """(label, config or {}, metrics lines) of one run directory."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise UserError(f"{run_dir} has no metrics.jsonl; is it a tinyrl run directory?")
     with open(path) as f:
         lines = [json.loads(line) for line in f if line.strip()]
-    label = os.path.basename(os.path.normpath(run_dir))
+    label, cfg = os.path.basename(os.path.normpath(run_dir)), {}
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             cfg = json.load(f)
         label = f"{cfg['algo']} ({label})"
     except (OSError, ValueError, KeyError):
         pass
-    return label, lines
+    return label, cfg, lines
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files, or a one-line error naming the package to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    return plt
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -43,16 +55,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png of the first run)")
     p.add_argument("--smooth", type=int, default=20, help="moving-average window for the reward, in steps")
     args = p.parse_args(argv)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
     runs = [read_run(r) for r in args.runs]
     fig, (ax_val, ax_reward) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, lines in runs:
+    for label, _, lines in runs:
         val = [(m["step"], 100 * m["val_accuracy"]) for m in lines if "val_accuracy" in m]
         train = [(m["step"], m["reward_mean"]) for m in lines if "reward_mean" in m]
         if val:

@@ -1,0 +1,100 @@
+"""python -m tinyrl.compare: grouping, mean ± sd worked by hand, partial runs, the figure, real tiny runs."""
+import json
+import os
+import subprocess
+import sys
+
+import train
+from test_train import FAST
+from tinyrl.compare import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_run(root, name, algo, seed, val, test=None, sec=1.0, tokens=None, **cfg):
+    """A run directory written by hand: val = {step: accuracy}; two steps of `sec` seconds each."""
+    run = root / name
+    run.mkdir()
+    config = {"algo": algo, "task": "mult", "seed": seed, "out": str(run), "group_size": 4, "batch_size": 1,
+              "lr": 1e-3, "save_every": 10, "keep": 3, **cfg}
+    (run / "config.json").write_text(json.dumps(config))
+    lines = [{"step": 0, "val_accuracy": val.pop(0), "sec_eval": 60.0}]
+    for step in (1, 2):
+        line = {"step": step, "reward_mean": 0.5, "completion_len": 1000.0, "sec_sample": sec / 2,
+                "sec_loss": sec / 2, "peak_mem_mb": 1024.0 * step}
+        if tokens is not None:
+            line["sampled_tokens"] = tokens
+        lines.append(line)
+        if step in val:
+            lines.append({"step": step, "val_accuracy": val[step], "sec_eval": 60.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if test is not None:
+        (run / "final_eval.json").write_text(json.dumps({"accuracy": test, "best_step": 2, "seconds": 60.0}))
+    return str(run)
+
+
+def rows(text):
+    """{row name: [cells]} of the printed Markdown table, and the header."""
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in text.strip().splitlines()]
+    return {line[0]: line[1:] for line in lines[2:]}, lines[0][1:]
+
+
+def test_table_groups_by_algorithm_and_gives_mean_and_sd(tmp_path, capsys):
+    runs = [fake_run(tmp_path, "t0", "tspmo", 0, {0: 0.1, 2: 0.30}, test=0.25, sec=4.0, group_size=50),
+            fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1, 2: 0.10}, test=0.10, tokens=5000),
+            fake_run(tmp_path, "g1", "grpo", 1, {0: 0.1, 2: 0.30}, test=0.20, tokens=7000),
+            fake_run(tmp_path, "t1", "tspmo", 1, {0: 0.1, 2: 0.50}, sec=4.0, group_size=50),  # stopped before its test evaluation
+            ]
+    assert main(runs) == 0
+    table, header = rows(capsys.readouterr().out)
+    assert header == ["GRPO", "T-SPMO"]  # seed and out are not settings; |G| follows the algorithm
+    assert table["seeds"] == ["0, 1", "0, 1"]
+    assert table["validation, base model (step 0) %"] == ["10.0 ± 0.0", "10.0 ± 0.0"]
+    # GRPO at step 2: 10% and 30% -> mean 20, sample sd sqrt(((10-20)^2 + (30-20)^2) / 1) = 14.1
+    assert table["validation @ step 2 %"] == ["20.0 ± 14.1", "40.0 ± 14.1"]
+    assert table["test, best adapter %"] == ["15.0 ± 7.1", "25.0 (n=1)"]
+    assert table["test per seed %"] == ["10.0 / 20.0", "25.0 / -"]
+    assert table["seconds per step"] == ["1.0 ± 0.0", "4.0 ± 0.0"]
+    assert table["wall-clock, evaluation min"] == ["3.0 ± 0.0", "2.5 ± 0.7"]  # 2 or 3 evaluations + test
+    # GRPO logs sampled_tokens (2 steps x 5000 or 7000); T-SPMO's old-style logs give completions only
+    # (2 steps x 1000 tokens x |G| = 50), a lower bound since its replay continuations are missing
+    assert table["sampled tokens, thousands"] == ["12.0 ± 2.8", ">= 100.0 ± 0.0"]
+    assert table["peak memory GiB"] == ["2.00 ± 0.00", "2.00 ± 0.00"]
+
+
+def test_every_differing_setting_splits_groups(tmp_path, capsys):
+    runs = [fake_run(tmp_path, "a", "sgrpo", 0, {0: 0.1}, lr=1e-3), fake_run(tmp_path, "b", "sgrpo", 1, {0: 0.2}, lr=1e-4),
+            fake_run(tmp_path, "c", "sgrpo", 2, {0: 0.3}, lr=1e-4)]
+    assert main(runs) == 0
+    table, header = rows(capsys.readouterr().out)
+    assert header == ["lr=0.0001", "lr=0.001"] and table["seeds"] == ["1, 2", "0"]
+
+
+def test_bad_input_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "-m", "tinyrl.compare", str(tmp_path / "empty")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_on_real_tiny_runs_with_figure_and_without_matplotlib(tiny_dir, tmp_path):
+    runs = []
+    for algo in ("grpo", "tspmo"):
+        for seed in (0, 1):
+            out = tmp_path / f"{algo}-s{seed}"
+            assert train.main(["--algo", algo, "--model", tiny_dir, "--out", str(out), "--task", "mult",
+                               "--seed", str(seed), *FAST]) == 0
+            runs.append(str(out))
+    png = tmp_path / "compare.png"
+    r = subprocess.run([sys.executable, "-m", "tinyrl.compare", *runs, "--out", str(png)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    table, header = rows(r.stdout.split("wrote")[0])
+    assert header == ["GRPO", "T-SPMO"] and table["seeds"] == ["0, 1", "0, 1"]
+    assert list(table).count("validation @ step 1 %") == 1 and "-" not in table["test per seed %"][0]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    no_mpl = "import sys; sys.modules['matplotlib'] = None; from tinyrl.compare import main; from tinyrl.cli import " \
+             f"run_main; run_main(lambda: main({runs + ['--out', str(tmp_path / 'x.png')]!r}))"
+    r = subprocess.run([sys.executable, "-c", no_mpl], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
+    assert "| seeds | 0, 1 | 0, 1 |" in r.stdout  # the table printed before the figure failed

@@ -1,0 +1,180 @@
+"""Compare runs across seeds, like the paper's Tables I-II and Figure 1 with error bars.
+
+    python -m tinyrl.compare runs/grpo-s0 runs/grpo-s1 runs/tspmo-s0 ... [--out compare.png]
+
+Runs are grouped by algorithm and by every other config field that differs between runs of the same
+algorithm, apart from the seed and the run's own bookkeeping (`out`, `save_every`, `keep`); a field
+that only follows the algorithm (its preset |G|, beta or lambda) does not split groups. For each group it prints a
+Markdown table: the seeds, validation accuracy at every evaluation step and at each run's last one as
+mean ± sd over seeds (sd with n - 1; a cell over fewer runs says how many), the best adapter's test
+accuracy (mean ± sd and per seed), and what the runs cost: seconds per step, wall-clock, sampled
+tokens, peak memory. `--out` also draws validation accuracy against step, one line per group with
+the spread over seeds (min to max) as a band and the base model's accuracy as a dashed line.
+matplotlib is optional: without it the table still prints, and asking for a figure exits 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+from tinyrl.cli import ArgParser, UserError, run_main
+from tinyrl.plot import pyplot, read_run
+
+NOT_A_SETTING = {"seed", "out", "save_every", "keep"}
+ALGO_NAMES = {"grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo": "T-SPMO"}
+
+
+class Run:
+    """One run directory: its config, the per-step metrics, validation points and final test result."""
+
+    def __init__(self, path: str):
+        _, self.cfg, self.lines = read_run(path)
+        if not self.cfg:
+            raise UserError(f"{path} has no readable config.json; is it a tinyrl run directory?")
+        self.path = path
+        self.val = {m["step"]: m["val_accuracy"] for m in self.lines if "val_accuracy" in m}
+        self.steps = [m for m in self.lines if "reward_mean" in m]
+        self.final = None
+        try:
+            with open(os.path.join(path, "final_eval.json")) as f:
+                final = json.load(f)
+            self.final = final if "accuracy" in final else None
+        except FileNotFoundError:
+            pass  # still running, or stopped
+        except ValueError:
+            raise UserError(f"{path}/final_eval.json is not valid JSON") from None
+
+    def step_seconds(self) -> list[float]:
+        return [sum(v for k, v in m.items() if k.startswith("sec_")) for m in self.steps]
+
+    def eval_seconds(self) -> float:
+        return sum(m.get("sec_eval", 0.0) for m in self.lines) + (self.final or {}).get("seconds", 0.0)
+
+    def sampled_tokens(self) -> tuple[float, bool]:
+        """Tokens sampled over the run, and whether that is exact. Runs logged before `sampled_tokens`
+        existed give completions only (exact for GRPO and S-GRPO; T-SPMO's replay is missing)."""
+        total, exact = 0.0, True
+        for m in self.steps:
+            if "sampled_tokens" in m:
+                total += m["sampled_tokens"]
+            else:
+                total += m["completion_len"] * self.cfg["group_size"] * self.cfg.get("batch_size", 1)
+                exact = exact and self.cfg["algo"] != "tspmo"
+        return total, exact
+
+
+def group_runs(runs: list[Run]) -> tuple[list[str], dict[tuple, list[Run]]]:
+    """(the config fields that tell groups apart, {their values: runs}), groups in algorithm order."""
+    fields = sorted({k for r in runs for k in r.cfg} - NOT_A_SETTING - {"algo"})
+
+    def splits(k: str, runs: list[Run]) -> bool:
+        return len({json.dumps(r.cfg.get(k)) for r in runs}) > 1
+
+    algos = {r.cfg.get("algo") for r in runs}
+    # a field that only follows the algorithm (its preset: |G|, beta, lambda, ...) does not split further
+    differing = (["algo"] if len(algos) > 1 else []) + \
+        [k for k in fields if any(splits(k, [r for r in runs if r.cfg.get("algo") == a]) for a in algos)]
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r.cfg.get(k) for k in differing), []).append(r)
+    order = list(ALGO_NAMES)
+
+    def key(item):
+        values = dict(zip(differing, item[0]))
+        algo = values.get("algo")
+        return (order.index(algo) if algo in order else len(order), json.dumps(item[0]))
+
+    return differing, dict(sorted(groups.items(), key=key))
+
+
+def label(fields: list[str], values: tuple) -> str:
+    parts = [ALGO_NAMES.get(v, v) if k == "algo" else f"{k}={v}" for k, v in zip(fields, values)]
+    return " ".join(str(p) for p in parts) or "all runs"
+
+
+def mean_sd(values: list[float], scale: float = 1.0, digits: int = 1, of: int | None = None) -> str:
+    """'m ± sd' (sample sd), 'm' for one value, '-' for none; '(n=k)' when fewer than `of` values."""
+    if not values:
+        return "-"
+    values = [v * scale for v in values]
+    text = f"{statistics.mean(values):.{digits}f}"
+    if len(values) > 1:
+        text += f" ± {statistics.stdev(values):.{digits}f}"
+    if of is not None and len(values) < of:
+        text += f" (n={len(values)})"
+    return text
+
+
+def table(fields: list[str], groups: dict[tuple, list[Run]]) -> str:
+    """The comparison as a Markdown table: one column per group, one row per quantity."""
+    cols = list(groups.values())
+    eval_steps = sorted({s for runs in cols for r in runs for s in r.val})
+    rows = [("seeds", [", ".join(str(r.cfg.get("seed")) for r in runs) for runs in cols]),
+            ("steps run", [mean_sd([len(r.steps) for r in runs], digits=0) for runs in cols])]
+    for s in eval_steps:
+        name = "validation, base model (step 0)" if s == 0 else f"validation @ step {s}"
+        rows.append((name + " %", [mean_sd([r.val[s] for r in runs if s in r.val], 100, of=len(runs))
+                                   for runs in cols]))
+    rows.append(("validation, last evaluation %",
+                 [mean_sd([r.val[max(r.val)] for r in runs if r.val], 100, of=len(runs)) for runs in cols]))
+    rows.append(("test, best adapter %",
+                 [mean_sd([r.final["accuracy"] for r in runs if r.final], 100, of=len(runs)) for runs in cols]))
+    rows.append(("test per seed %", [" / ".join(f"{100 * r.final['accuracy']:.1f}" if r.final else "-"
+                                                for r in runs) for runs in cols]))
+    rows.append(("best step", [" / ".join(str(r.final.get("best_step")) if r.final else "-" for r in runs)
+                               for runs in cols]))
+    rows.append(("seconds per step", [mean_sd([statistics.mean(r.step_seconds()) for r in runs if r.steps])
+                                      for runs in cols]))
+    rows.append(("wall-clock, training min", [mean_sd([sum(r.step_seconds()) / 60 for r in runs]) for runs in cols]))
+    rows.append(("wall-clock, evaluation min", [mean_sd([r.eval_seconds() / 60 for r in runs]) for runs in cols]))
+    tokens = [[r.sampled_tokens() for r in runs] for runs in cols]
+    rows.append(("sampled tokens, thousands", [("" if all(e for _, e in t) else ">= ")
+                                               + mean_sd([n / 1000 for n, _ in t]) for t in tokens]))
+    rows.append(("peak memory GiB", [mean_sd([max(m.get("peak_mem_mb", 0) for m in r.steps) / 1024
+                                              for r in runs if r.steps], digits=2) for runs in cols]))
+    header = ["", *(label(fields, values) for values in groups)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows]
+    return "\n".join(lines)
+
+
+def figure(fields: list[str], groups: dict[tuple, list[Run]], out: str) -> None:
+    """Validation accuracy against step: mean over seeds, min-max band, base model dashed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    base = [r.val[0] for runs in groups.values() for r in runs if 0 in r.val]
+    for values, runs in groups.items():
+        steps = sorted({s for r in runs for s in r.val})
+        points = [[100 * r.val[s] for r in runs if s in r.val] for s in steps]
+        line, = ax.plot(steps, [statistics.mean(p) for p in points], marker="o", markersize=3,
+                        label=f"{label(fields, values)} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        ax.fill_between(steps, [min(p) for p in points], [max(p) for p in points], color=line.get_color(),
+                        alpha=0.2, linewidth=0)
+    if base:
+        ax.axhline(100 * statistics.mean(base), color="gray", linestyle="--", linewidth=1, label="base model")
+    ax.set(xlabel="step", ylabel="validation accuracy (%)",
+           title="Validation accuracy: mean over seeds, band = min to max")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = ArgParser(description="Compare tinyrl runs across seeds: a table of accuracies and costs, and a figure.")
+    p.add_argument("runs", nargs="+", help="run directories (runs/NAME); grouped by the config fields that differ")
+    p.add_argument("--out", help="also draw validation accuracy against step into this PNG (needs matplotlib)")
+    args = p.parse_args(argv)
+    runs = [Run(r) for r in args.runs]
+    fields, groups = group_runs(runs)
+    print(table(fields, groups))
+    if args.out:
+        figure(fields, groups, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
