@@ -1,11 +1,17 @@
-"""Peak memory of one update: tinyrl's selective LM head against a full-logits version of the same loss.
+"""Peak memory of one update: measured, beside the planner's prediction, and against a full-logits version.
 
     python bench/update_memory.py [--hidden 256 --layers 8 --max-new-tokens 300 --max-batch-tokens 4096]
+    python bench/update_memory.py --model .cache/models/Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf \
+        --dtype bfloat16 --modes selective --cpu-kernels fast       # the paper's layer shapes, real weights
 
-GRPO (|G|=8), S-GRPO (|G|=8, alpha=50, k=100, P=0.1) and T-SPMO (|G|=50) on a random Qwen2 with
-Qwen2's vocabulary (151,936), completions of 300 tokens. Each configuration runs in its own
-subprocess and reports its peak: RSS on CPU (VmHWM minus the RSS after loading the model), or
-torch.cuda.max_memory_allocated on a GPU. Both sides use the same packing and the same loss.
+GRPO (|G|=8), S-GRPO (|G|=8, alpha=50, k=100, P=0.1) and T-SPMO (|G|=50) with completions of 300
+tokens after a 64-token prompt, LoRA r=8 on q/v of the last quarter of the layers (the paper's mult
+setting). The model: a random Qwen2 with Qwen2's vocabulary (151,936), a random model of a known
+shape (--shape), or a real checkpoint (--model: hub id, folder or .gguf). Each configuration runs in
+its own subprocess, with glibc returning freed blocks over 64 KiB to the OS so that RSS follows live
+tensors. On a CPU it reports the peak RSS during the update (the peak is reset after loading) and
+that peak above the RSS of the loaded model; on a GPU, torch.cuda.max_memory_allocated. The
+"planner" column is `python -m tinyrl.memory`'s update peak for the same config and kernels.
 """
 from __future__ import annotations
 
@@ -51,30 +57,41 @@ def one(args) -> dict:
     from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select
     from tinyrl.update import grpo_backward, tspmo_backward
 
+    from tinyrl import cpu
+    from tinyrl.memory import predict, shape_from_config
+
+    cpu.set_mode(args.cpu_kernels)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.shape:  # e.g. Qwen/Qwen2-1.5B with random weights, built directly on the device
+    if args.model:
+        from tinyrl.model import load_model
+
+        model, _ = load_model(args.model, args.dtype, str(device))
+    elif args.shape:  # e.g. Qwen/Qwen2-1.5B with random weights, built directly on the device
         from common import random_qwen2
 
-        model = random_qwen2(args.shape, device=str(device))
+        model = random_qwen2(args.shape, device=str(device)).to(getattr(torch, args.dtype))
     else:
         cfg = Qwen2Config(vocab_size=QWEN2_VOCAB, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                           num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=2,
                           tie_word_embeddings=True)
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(cfg).to(device).eval()
+        model = Qwen2ForCausalLM(cfg).to(device, getattr(torch, args.dtype)).eval()
         for p in model.parameters():
             p.requires_grad_(False)
     inject_lora(model, rank=8, fraction=0.25)  # the paper's mult LoRA
     G = 50 if args.algo == "tspmo" else 8
-    completions = completions_with_shared_prefixes(G, args.max_new_tokens, QWEN2_VOCAB, seed=1)
+    vocab = model.get_input_embeddings().num_embeddings
+    completions = completions_with_shared_prefixes(G, args.max_new_tokens, vocab, seed=1)
     rewards = [float(i % 3 == 0) for i in range(G)]
-    prompt = list(range(100, 160))
+    prompt = list(range(100, 164))  # 64 tokens, the planner's typical prompt
     full = args.mode == "full"
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
+        with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: loading (e.g. dequantizing a GGUF) peaks higher
+            f.write("5")
         base = rss_mb("VmRSS")
     start = time.perf_counter()
     if args.algo == "tspmo":
@@ -91,7 +108,13 @@ def one(args) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = rss_mb("VmHWM")
+    # "fast" packs the weights; so does "auto" while it measures (whatever it then keeps): the planner's default
+    packed = device.type == "cpu" and cpu.mode() != "torch" and cpu.onednn_usable()
+    planned = predict(shape_from_config(model.config), G, args.max_new_tokens, 8, 0.25, args.dtype,
+                      max_batch_tokens=args.max_batch_tokens, prompt_tokens=len(prompt), device=device.type,
+                      packed=packed)
     return {"algo": args.algo, "mode": args.mode, "peak_mb": peak, "update_mb": peak - base, "base_mb": base,
+            "planned_mb": planned["update_peak"] / 2**20, "packed": bool(packed),
             "seconds": time.perf_counter() - start, "tokens_in_loss": stats["tokens_in_loss"],
             "forward_tokens": stats["forward_tokens"], "device": device.type}
 
@@ -104,6 +127,11 @@ def main():
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--device")
     p.add_argument("--shape", help="a random-weight model of this config, e.g. Qwen/Qwen2-1.5B (see tinyrl.memory)")
+    p.add_argument("--model", help="a real checkpoint instead: hub id, folder or .gguf")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "torch", "fast"])
+    p.add_argument("--modes", default="full,selective", help="full (logits of every position) and/or selective")
+    p.add_argument("--algos", default="grpo,sgrpo,tspmo")
     p.add_argument("--algo", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -111,30 +139,39 @@ def main():
         print(json.dumps(one(args)))
         return
     common = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--max-new-tokens",
-              str(args.max_new_tokens), "--max-batch-tokens", str(args.max_batch_tokens)]
-    if args.device:
-        common += ["--device", args.device]
-    if args.shape:
-        common += ["--shape", args.shape]
-    model = args.shape or f"Qwen2 with vocab {QWEN2_VOCAB}, hidden {args.hidden}, {args.layers} layers"
-    print(f"random-weight {model}, LoRA r=8 on the last 1/4; completions of {args.max_new_tokens} tokens; "
-          f"--max-batch-tokens {args.max_batch_tokens}")
+              str(args.max_new_tokens), "--max-batch-tokens", str(args.max_batch_tokens), "--dtype", args.dtype,
+              "--cpu-kernels", args.cpu_kernels]
+    for flag in ("device", "shape", "model"):
+        if getattr(args, flag):
+            common += [f"--{flag}", getattr(args, flag)]
+    model = args.model or "random-weight " + (args.shape or f"Qwen2, vocab {QWEN2_VOCAB}, hidden {args.hidden}, "
+                                                             f"{args.layers} layers")
+    print(f"{model}, {args.dtype}, LoRA r=8 on the last 1/4; completions of {args.max_new_tokens} tokens; "
+          f"--max-batch-tokens {args.max_batch_tokens}; CPU kernels {args.cpu_kernels}")
+    algos, modes = args.algos.split(","), args.modes.split(",")
     rows = {}
-    for algo in ("grpo", "sgrpo", "tspmo"):
-        for mode in ("full", "selective"):
+    for algo in algos:
+        for mode in modes:
             out = subprocess.run([sys.executable, __file__, "--algo", algo, "--mode", mode, *common],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
             if out.returncode != 0:
                 sys.exit(f"{algo}/{mode} failed:\n{out.stderr[-2000:]}")
             rows[algo, mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    unit = "peak RSS above the loaded model" if rows["grpo", "full"]["device"] == "cpu" else "peak CUDA allocation"
-    print(f"\n{'algo':<7}{'tokens in loss':>15}{'full-logits MB':>16}{'selective MB':>14}{'ratio':>8}"
-          f"{'full s':>8}{'sel. s':>8}   ({unit})")
-    for algo in ("grpo", "sgrpo", "tspmo"):
-        f, s = rows[algo, "full"], rows[algo, "selective"]
-        print(f"{algo:<7}{s['tokens_in_loss']:>15}{f['update_mb']:>16.0f}{s['update_mb']:>14.0f}"
-              f"{s['update_mb'] / f['update_mb']:>8.2f}{f['seconds']:>8.1f}{s['seconds']:>8.1f}"
-              + (f"   selective peak {s['peak_mb'] / 1024:.1f} GiB" if s["device"] == "cuda" else ""))
+            r = rows[algo, mode]
+            print(f"  {algo} {mode}: peak {r['peak_mb'] / 1024:.2f} GiB, {r['update_mb']:.0f} MB above the loaded "
+                  f"model, {r['seconds']:.1f} s", flush=True)
+    cuda = rows[algos[0], modes[0]]["device"] == "cuda"
+    print(f"\n{'algo':<7}{'mode':<11}{'tokens in loss':>15}{'loaded GiB':>11}{'peak GiB':>10}{'planner GiB':>12}"
+          f"{'planner/peak':>13}{'update MB':>11}{'seconds':>9}   "
+          f"({'CUDA allocation' if cuda else 'RSS; update MB = peak above the loaded model'})")
+    for (algo, mode), r in rows.items():
+        planned = f"{r['planned_mb'] / 1024:>12.2f}{r['planned_mb'] / r['peak_mb']:>13.2f}" if mode == "selective" \
+            else f"{'-':>12}{'-':>13}"  # the planner models tinyrl's selective LM head
+        print(f"{algo:<7}{mode:<11}{r['tokens_in_loss']:>15}{r['base_mb'] / 1024:>11.2f}{r['peak_mb'] / 1024:>10.2f}"
+              f"{planned}{r['update_mb']:>11.0f}{r['seconds']:>9.1f}")
+    if "full" in modes and "selective" in modes:
+        print("\nselective / full-logits update MB: " + ", ".join(
+            f"{a} {rows[a, 'selective']['update_mb'] / rows[a, 'full']['update_mb']:.2f}" for a in algos))
 
 
 if __name__ == "__main__":
