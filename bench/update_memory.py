@@ -53,12 +53,11 @@ def one(args) -> dict:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    from tinyrl import cpu
     from tinyrl.lora import inject_lora, lora_parameters
+    from tinyrl.memory import predict, shape_from_config
     from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select
     from tinyrl.update import grpo_backward, tspmo_backward
-
-    from tinyrl import cpu
-    from tinyrl.memory import predict, shape_from_config
 
     cpu.set_mode(args.cpu_kernels)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

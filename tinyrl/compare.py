@@ -35,6 +35,7 @@ class Run:
         self.path = path
         self.val = {m["step"]: m["val_accuracy"] for m in self.lines if "val_accuracy" in m}
         self.steps = [m for m in self.lines if "reward_mean" in m]
+        self.step_seconds = [sum(v for k, v in m.items() if k.startswith("sec_")) for m in self.steps]
         self.final = None
         try:
             with open(os.path.join(path, "final_eval.json")) as f:
@@ -44,9 +45,6 @@ class Run:
             pass  # still running, or stopped
         except ValueError:
             raise UserError(f"{path}/final_eval.json is not valid JSON") from None
-
-    def step_seconds(self) -> list[float]:
-        return [sum(v for k, v in m.items() if k.startswith("sec_")) for m in self.steps]
 
     def eval_seconds(self) -> float:
         return sum(m.get("sec_eval", 0.0) for m in self.lines) + (self.final or {}).get("seconds", 0.0)
@@ -124,9 +122,9 @@ def table(fields: list[str], groups: dict[tuple, list[Run]]) -> str:
                                                 for r in runs) for runs in cols]))
     rows.append(("best step", [" / ".join(str(r.final.get("best_step")) if r.final else "-" for r in runs)
                                for runs in cols]))
-    rows.append(("seconds per step", [mean_sd([statistics.mean(r.step_seconds()) for r in runs if r.steps])
+    rows.append(("seconds per step", [mean_sd([statistics.mean(r.step_seconds) for r in runs if r.steps])
                                       for runs in cols]))
-    rows.append(("wall-clock, training min", [mean_sd([sum(r.step_seconds()) / 60 for r in runs]) for runs in cols]))
+    rows.append(("wall-clock, training min", [mean_sd([sum(r.step_seconds) / 60 for r in runs]) for runs in cols]))
     rows.append(("wall-clock, evaluation min", [mean_sd([r.eval_seconds() / 60 for r in runs]) for runs in cols]))
     tokens = [[r.sampled_tokens() for r in runs] for runs in cols]
     rows.append(("sampled tokens, thousands", [("" if all(e for _, e in t) else ">= ")
