@@ -77,6 +77,14 @@ def test_bad_input_is_one_line(tmp_path):
     assert r.returncode == 2 and "no metrics.jsonl" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_glob_over_a_study_skips_its_files(tmp_path, capsys):
+    run = fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1, 2: 0.2}, test=0.2)
+    (tmp_path / "run.sh").write_text("#!/bin/sh\n")
+    assert main([run, str(tmp_path / "run.sh")]) == 0
+    out = capsys.readouterr()
+    assert "skipping 1 file(s)" in out.err and rows(out.out)[0]["seeds"] == ["0"]
+
+
 def test_on_real_tiny_runs_with_figure_and_without_matplotlib(tiny_dir, tmp_path):
     runs = []
     for algo in ("grpo", "tspmo"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 
 from tinyrl.cli import ArgParser, UserError, run_main
 from tinyrl.plot import pyplot, read_run
@@ -162,10 +163,16 @@ def figure(fields: list[str], groups: dict[tuple, list[Run]], out: str) -> None:
 
 def main(argv=None) -> int:
     p = ArgParser(description="Compare tinyrl runs across seeds: a table of accuracies and costs, and a figure.")
-    p.add_argument("runs", nargs="+", help="run directories (runs/NAME); grouped by the config fields that differ")
+    p.add_argument("runs", nargs="+", help="run directories (runs/NAME); grouped by the config fields that differ; "
+                                           "files are skipped, so a glob over a study's folder works")
     p.add_argument("--out", help="also draw validation accuracy against step into this PNG (needs matplotlib)")
     args = p.parse_args(argv)
-    runs = [Run(r) for r in args.runs]
+    files = [r for r in args.runs if os.path.isfile(r)]  # a study's script or figure, matched by its folder's glob
+    if files:
+        print(f"skipping {len(files)} file(s), not run directories: {', '.join(files)}", file=sys.stderr)
+    runs = [Run(r) for r in args.runs if r not in files]
+    if not runs:
+        raise UserError("no run directories given")
     fields, groups = group_runs(runs)
     print(table(fields, groups))
     if args.out:
