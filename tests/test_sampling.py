@@ -115,6 +115,7 @@ def test_continuous_batching_equals_one_prompt_at_a_time(lora_model, batch_size)
     model, _ = lora_model
     rng = random.Random(0)
     ps = [[rng.randrange(3, 200) for _ in range(rng.randint(1, 30))] for _ in range(23)]
+    ps[1] = [rng.randrange(3, 200) for _ in ps[0]]  # equal lengths: the very first prefill holds two rows
     free = [generate_batch(model, [p], 25, 0.0, EOS, pad_id=0)[0] for p in ps]
     common = [t for t, _ in collections.Counter(t for c in free for t in c[1:]).most_common(3)]
     eos = EOS + common[::2]

@@ -348,9 +348,11 @@ class _Slots:
     def place(self, slot: int, prompt_cache: Cache, row: int = 0) -> None:
         """Put row `row` of a prefilled prompt cache into `slot`, ending at the current width."""
         P = prompt_cache.layers[0].get_seq_length()
-        if not self.cache.layers[0].is_initialized:  # the first prompt: buffers shaped like its keys
+        if not self.cache.layers[0].is_initialized:  # the first prompt: buffers shaped like one row of its keys
             for layer, src in zip(self.cache.layers, prompt_cache.layers):
-                layer.lazy_initialization(src.keys.expand(self.rows, -1, -1, -1), src.values.expand(self.rows, -1, -1, -1))
+                layer.lazy_initialization(src.keys[:1].expand(self.rows, -1, -1, -1),
+                                          src.values[:1].expand(self.rows, -1, -1, -1))
+                layer.k_buf.zero_(), layer.v_buf.zero_()  # masked columns are read (weight 0): no stale NaN
         if P > self.width:  # room on the left for a prompt longer than the window
             self._resize(max(self.capacity, 2 * P), shift=P - self.width)
         for layer, src in zip(self.cache.layers, prompt_cache.layers):
