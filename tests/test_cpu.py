@@ -126,6 +126,7 @@ def test_forced_modes_and_adopted_decisions(tiny, monkeypatch):
     monkeypatch.setattr(cpu, "_mode", "auto")
     cpu.adopt(model, {"decode": {"linear": False, "attention": True, "speedup": 1.3}})  # as a resumed run does
     assert cpu.choose(model, "decode", never, candidates) == Kernels(False, True)
+    assert cpu.decisions(model)["decode"]["speedup"] == 1.3  # the resumed run's final_eval.json keeps it
     monkeypatch.setattr(cpu, "_mode", None)
     monkeypatch.setenv("TINYRL_CPU_KERNELS", "fastest")
     from tinyrl.cli import UserError

@@ -49,7 +49,7 @@ class Kernels:
 
 TORCH = Kernels()
 _mode: str | None = None  # set by --cpu-kernels; None: the environment variable, else auto
-_chosen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {phase: (Kernels, {Kernels: s})}
+_chosen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {phase: (Kernels, speed-up over torch's)}
 
 
 def set_mode(mode: str | None) -> None:
@@ -98,21 +98,20 @@ def choose(model: nn.Module, phase: str, probe: Callable[[], float], candidates:
             best = TORCH
         if not best.linear:
             unpack(model)  # the packed copies made for the measurement would only take memory
-        record[phase] = (best, times)
+        record[phase] = (best, round(times[TORCH] / times[best], 3))
     return record[phase][0]
 
 
 def decisions(model: nn.Module) -> dict[str, dict]:
     """What `choose` picked for each phase of this model, and the measured speed-up over torch's kernels
     (JSON-friendly; saved in checkpoints and printed by train.py and eval.py)."""
-    return {phase: {"linear": k.linear, "attention": k.attention,
-                    "speedup": round(times[TORCH] / times[k], 3) if times else None}
-            for phase, (k, times) in _chosen.get(model, {}).items()}
+    return {phase: {"linear": k.linear, "attention": k.attention, "speedup": speedup}
+            for phase, (k, speedup) in _chosen.get(model, {}).items()}
 
 
 def adopt(model: nn.Module, saved: dict[str, dict]) -> None:
     """Reuse earlier decisions (a resumed run keeps the kernels it started with) instead of measuring again."""
-    _chosen[model] = {phase: (Kernels(d["linear"], d["attention"]), {}) for phase, d in saved.items()}
+    _chosen[model] = {phase: (Kernels(d["linear"], d["attention"]), d.get("speedup")) for phase, d in saved.items()}
 
 
 def describe(model: nn.Module) -> str:
