@@ -140,7 +140,7 @@ def suggest(shape: Shape, budget_bytes: float, **kw) -> tuple[int, int] | None:
 
 def cost_note(cfg) -> str | None:
     """For a run about to start on a CPU with a large model: what it will cost, before anything is loaded.
-    Memory is the planner's prediction; time is a floor from FLOPs at 100 GFLOP/s per core."""
+    Memory is the planner's prediction; time a rough guess from FLOPs at 100 GFLOP/s per core."""
     import torch
 
     if torch.cuda.is_available() and (cfg.device is None or cfg.device.startswith("cuda")):
@@ -160,7 +160,7 @@ def cost_note(cfg) -> str | None:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     of_ram = f" of this machine's {ram / GiB:.0f}" if ram else ""
     return (f"  note: no GPU. On this CPU ({torch.get_num_threads()} threads) this run needs about "
-            f"{est['peak'] / GiB:.1f}{of_ram} GiB (python -m tinyrl.memory) and at least {seconds / 60:.0f} min a step, "
+            f"{est['peak'] / GiB:.1f}{of_ram} GiB (python -m tinyrl.memory) and roughly {seconds / 60:.0f} min a step, "
             f"{seconds * cfg.steps / 3600:.0f} h for {cfg.steps} steps.\n"
             f"  To see tinyrl learn on a CPU in 15 minutes, run the CPU demo in the README (SmolLM2-135M, 2x1 digits).\n")
 
