@@ -24,9 +24,9 @@ def fake_run(root, name, algo, seed, val, test=None, sec=1.0, tokens=None, **cfg
                 "sec_loss": sec / 2, "peak_mem_mb": 1024.0 * step}
         if tokens is not None:
             line["sampled_tokens"] = tokens
+        if step in val:  # train.py logs a step's validation on the step's own line
+            line.update(val_accuracy=val[step], sec_eval=60.0)
         lines.append(line)
-        if step in val:
-            lines.append({"step": step, "val_accuracy": val[step], "sec_eval": 60.0})
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     if test is not None:
         (run / "final_eval.json").write_text(json.dumps({"accuracy": test, "best_step": 2, "seconds": 60.0}))
@@ -54,7 +54,7 @@ def test_table_groups_by_algorithm_and_gives_mean_and_sd(tmp_path, capsys):
     assert table["validation @ step 2 %"] == ["20.0 ± 14.1", "40.0 ± 14.1"]
     assert table["test, best adapter %"] == ["15.0 ± 7.1", "25.0 (n=1)"]
     assert table["test per seed %"] == ["10.0 / 20.0", "25.0 / -"]
-    assert table["seconds per step"] == ["1.0 ± 0.0", "4.0 ± 0.0"]
+    assert table["seconds per step"] == ["1.0 ± 0.0", "4.0 ± 0.0"]  # the validation's 60 s are not a step's
     assert table["wall-clock, evaluation min"] == ["3.0 ± 0.0", "2.5 ± 0.7"]  # 2 or 3 evaluations + test
     # GRPO logs sampled_tokens (2 steps x 5000 or 7000); T-SPMO's old-style logs give completions only
     # (2 steps x 1000 tokens x |G| = 50), a lower bound since its replay continuations are missing

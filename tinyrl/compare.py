@@ -36,7 +36,8 @@ class Run:
         self.path = path
         self.val = {m["step"]: m["val_accuracy"] for m in self.lines if "val_accuracy" in m}
         self.steps = [m for m in self.lines if "reward_mean" in m]
-        self.step_seconds = [sum(v for k, v in m.items() if k.startswith("sec_")) for m in self.steps]
+        self.step_seconds = [sum(v for k, v in m.items() if k.startswith("sec_") and k != "sec_eval")
+                             for m in self.steps]  # a validation logged on a step's line is not the step's time
         self.final = None
         try:
             with open(os.path.join(path, "final_eval.json")) as f:
