@@ -26,7 +26,9 @@ def parse_args(argv=None):
     p.add_argument("--n", "--limit", dest="n", type=int,
                    help="evaluate only the first N problems of the split (under torchrun write --limit: "
                         "torchrun takes --n for one of its own flags)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="problems decoded at once; to re-measure a run's figure exactly, its --eval-batch-size "
+                        "(64 unless set): in bfloat16 the batch shape changes rounding")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
