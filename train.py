@@ -20,19 +20,19 @@ import time
 import torch
 
 from tinyrl import cpu, dist
-from tinyrl.checkpoint import (append_jsonl, latest_checkpoint, load_checkpoint, publish_dir, save_checkpoint,
-                               truncate_jsonl, write_json_atomic)
+from tinyrl.checkpoint import (TensorBoard, append_jsonl, latest_checkpoint, load_checkpoint, publish_dir,
+                               save_checkpoint, truncate_jsonl, write_json_atomic)
 from tinyrl.cli import UserError, run_main
 from tinyrl.config import Config, describe, parse_config
 from tinyrl.evaluate import evaluate
 from tinyrl.memory import cost_note
-from tinyrl.lora import adapter_digest, inject_lora, load_adapter, lora_parameters, save_adapter
+from tinyrl.lora import adapter_digest, adapter_norms, inject_lora, load_adapter, lora_parameters, save_adapter
 from tinyrl.model import eos_ids, load_model, pad_id
 from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select
 from tinyrl.replay import Episode, ReplayBuffer, replay_rewards
 from tinyrl.sampling import sample
-from tinyrl.tasks import TrainStream, load_task, reward, rng_state, set_rng_state
-from tinyrl.update import grpo_backward, tspmo_backward
+from tinyrl.tasks import TrainStream, load_task, rng_state, set_rng_state
+from tinyrl.update import grpo_backward, l2_gradient, make_optimizer, tspmo_backward
 
 
 class StopFlag:
@@ -97,14 +97,17 @@ class Trainer:
         self.say(cost_note(cfg) or "", end="")
 
         self.model, self.tokenizer = load_model(cfg.model, cfg.dtype, cfg.device)
+        cfg.dtype = str(self.model.dtype).removeprefix("torch.")  # auto: what was measured faster; a resume keeps it
         self.device = next(self.model.parameters()).device
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # LoRA's A init
         wrapped = inject_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_fraction)
         self.params = lora_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)  # beta/lam regularise
+        # lam acts in the loss (l2_gradient, each step) or as AdamW's decoupled decay; beta is in the loss
+        self.optimizer, self.lam_in_loss = make_optimizer(self.params, cfg.lr, cfg.lam, cfg.lam_mode)
         self.task = load_task(cfg.task, self.tokenizer, cfg.digits, cfg.svamp_file,
-                              None if cfg.svamp_sha256.lower() == "none" else cfg.svamp_sha256)
+                              None if cfg.svamp_sha256.lower() == "none" else cfg.svamp_sha256, cfg.val_file,
+                              cfg.test_file, cfg.prompt_template, cfg.prompt_mode, cfg.reward)
         self.eos = eos_ids(self.model, self.tokenizer)
         self.pad = pad_id(self.tokenizer, self.eos)
         n_train = "unlimited draws" if callable(self.task.train) else len(self.task.train)
@@ -125,10 +128,11 @@ class Trainer:
             self.restore(ckpt)
         self.metrics_path = os.path.join(self.run, "metrics.jsonl")
         self.samples_path = os.path.join(self.run, "samples.jsonl")
+        last_logged = self.state["step"] if ckpt else -1  # no checkpoint: start over, step-0 eval included
+        self.board = TensorBoard(self.run, last_logged) if cfg.report_to == "tensorboard" and self.main_rank else None
         if self.main_rank:
             os.makedirs(self.run, exist_ok=True)
             write_json_atomic(os.path.join(self.run, "config.json"), vars(cfg))
-            last_logged = self.state["step"] if ckpt else -1  # no checkpoint: start over, step-0 eval included
             truncate_jsonl(self.metrics_path, last_logged)
             truncate_jsonl(self.samples_path, last_logged)
         # group-parallel: the ranks share one prompt's |G| completions and each backpropagates its shard of the
@@ -166,7 +170,8 @@ class Trainer:
 
     def evaluate(self, problems, desc: str) -> dict:
         return evaluate(self.model, self.tokenizer, problems, self.eos, self.pad, self.cfg.eval_batch_size,
-                        self.cfg.max_new_tokens, progress=sys.stderr.isatty() and self.main_rank, desc=desc)
+                        self.cfg.max_new_tokens, progress=sys.stderr.isatty() and self.main_rank, desc=desc,
+                        reward=self.task.reward, threshold=self.cfg.replay_threshold)
 
     def validate(self, step: int) -> dict:
         """Validation accuracy; a new best saves the adapter to best/."""
@@ -192,8 +197,8 @@ class Trainer:
     def tspmo_update(self, prompt_ids, completions, rewards, shard, scale) -> dict:
         """T-SPMO: advantages A(v|p) from the prefix tree (Eq. 7-9), then Eq. (10) backpropagated."""
         tree = PrefixTree(completions, rewards)
-        return tspmo_backward(self.model, prompt_ids, completions, tree, self.cfg.lam, self.params, self.pad,
-                              self.cfg.log_prob, self.cfg.max_batch_tokens, scale=scale, shard=shard)
+        return tspmo_backward(self.model, prompt_ids, completions, tree, self.pad, self.cfg.log_prob,
+                              self.cfg.max_batch_tokens, scale=scale, shard=shard)
 
     def grpo_update(self, prompt_ids, completions, rewards) -> dict:
         """GRPO (every token) or S-GRPO (Algorithm 1's subset): group advantages (Eq. 2), Eq. (3)/(5) backpropagated."""
@@ -205,10 +210,13 @@ class Trainer:
         return grpo_backward(self.model, prompt_ids, completions, advantages, positions, cfg.beta, self.pad,
                              cfg.clip_eps, cfg.max_batch_tokens, scale=self.scale, shard=self.shard)
 
-    def optimizer_step(self, loss: float) -> bool:
-        """Sum the ranks' gradients (each loss carries the global 1/|G| or 1/|U|), then step unless non-finite."""
+    def optimizer_step(self, loss: float) -> tuple[bool, dict]:
+        """Sum the ranks' gradients (each loss carries the global 1/|G| or 1/|U|), add the L2 term's gradient under
+        --lam-mode loss, then step unless non-finite. Returns that and the loss, gradient norms for the log."""
         dist.all_reduce_grads(self.params)
-        return finite_step(self.optimizer, self.params, loss)
+        norms = l2_gradient(self.params, self.lam_in_loss)
+        loss += norms.pop("l2_loss")
+        return finite_step(self.optimizer, self.params, loss), {"loss": loss, **norms}
 
     def replay_updates(self) -> tuple[list[float], int, int, bool]:
         """T-SPMO replay (paper §III-C): extra updates on fresh continuations below a kept prefix of a past
@@ -219,9 +227,10 @@ class Trainer:
             prefix = episode.prompt_ids + kept
             # our choice (paper silent): kept part + continuation stay within max_new_tokens
             continuations = self.sample(prefix, self.cfg.group_size, self.cfg.max_new_tokens - m, split=True)
-            rewards = replay_rewards(self.tokenizer, kept, continuations, episode.answer)
+            rewards = replay_rewards(self.tokenizer, kept, continuations, episode.answer, self.task.reward,
+                                     episode.problem)
             stats = self.tspmo_update(prefix, continuations, rewards, (self.rank, self.world), 1.0)
-            ok = self.optimizer_step(dist.total(stats["loss"])) and ok
+            ok = self.optimizer_step(dist.total(stats["loss"]))[0] and ok
             scores += rewards
             updates += 1
             tokens += sum(map(len, continuations))
@@ -240,11 +249,12 @@ class Trainer:
             completions = self.sample(problem.prompt_ids, cfg.group_size, cfg.max_new_tokens, split=group_parallel)
             t1 = clock(device)
             texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-            rewards = [reward(text, problem.answer) for text in texts]
+            rewards = [self.task.reward(text, problem.answer, problem.id) for text in texts]
             t2 = clock(device)
             if cfg.algo == "tspmo":
                 stats = self.tspmo_update(problem.prompt_ids, completions, rewards, self.shard, self.scale)
-                episodes = [Episode(problem.prompt_ids, c, r, problem.answer) for c, r in zip(completions, rewards)]
+                episodes = [Episode(problem.prompt_ids, c, r, problem.answer, problem.id)
+                            for c, r in zip(completions, rewards)]
                 for episode in episodes if group_parallel else dist.gather(episodes):  # same buffer on every rank
                     self.replay.add(episode)
             else:
@@ -264,7 +274,7 @@ class Trainer:
             (() if group_parallel else ("num_pairs", "completion_tokens"))  # in group mode every rank holds all
         totals.update({k: dist.total(v) for k, v in totals.items() if k in additive})
         t4 = clock(device)
-        ok = self.optimizer_step(totals["loss"])  # a non-finite update is dropped
+        ok, norms = self.optimizer_step(totals["loss"])  # a non-finite update is dropped
         sec["optim"] = clock(device) - t4
         replay_scores, replay_updates, replay_tokens = [], 0, 0
         if cfg.algo == "tspmo" and ok:
@@ -279,7 +289,7 @@ class Trainer:
         line = {
             "step": step, "reward_mean": sum(rewards_seen) / n,
             "accuracy": sum(r >= cfg.replay_threshold for r in rewards_seen) / n,
-            "loss": totals["loss"], "tokens_in_loss": totals["tokens_in_loss"],
+            **norms, "tokens_in_loss": totals["tokens_in_loss"],
             "forward_tokens": totals["forward_tokens"], "forward_passes": totals["forward_passes"],
             "completion_len": totals["completion_tokens"] / n,
             "sampled_tokens": totals["completion_tokens"] + replay_tokens,
@@ -288,7 +298,7 @@ class Trainer:
                 "replay_updates": replay_updates,
                 "replay_reward_mean": sum(replay_scores) / len(replay_scores) if replay_scores else None}
                if cfg.algo == "tspmo" else {}),
-            "skipped": not ok, **{f"sec_{k}": round(v, 4) for k, v in sec.items()},
+            **adapter_norms(self.model), "skipped": not ok, **{f"sec_{k}": round(v, 4) for k, v in sec.items()},
             "peak_mem_mb": round(peak_memory_mb(device), 1),
         }
         return line, samples
@@ -297,6 +307,8 @@ class Trainer:
         if self.main_rank:
             append_jsonl(self.metrics_path, [line])
             append_jsonl(self.samples_path, list(samples))
+            if self.board:
+                self.board.log(line)
 
     def finish(self) -> None:
         """Save the final adapter; evaluate the best-validation adapter on the test split."""
@@ -323,6 +335,8 @@ class Trainer:
                      f"({result['correct']}/{result['n']}, 95% CI {100 * lo:.1f}-{100 * hi:.1f}%)")
         if self.main_rank:
             write_json_atomic(os.path.join(self.run, "final_eval.json"), final)
+            if self.board:
+                self.board.close()
             shutil.rmtree(os.path.join(self.run, ".tmp-best"), ignore_errors=True)
         self.say(f"done: {self.run} (plot it with: python -m tinyrl.plot {self.run})")
 

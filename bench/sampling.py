@@ -11,7 +11,6 @@ adds; the last row is the sampler as shipped (auto: it measures which kernels ar
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
@@ -19,15 +18,6 @@ from common import load_bench_model
 
 from tinyrl import cpu
 from tinyrl.sampling import sample, sampling_kernels
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main():
@@ -49,7 +39,7 @@ def main():
     else:
         prompt = torch.randint(100, 30000, (60,), generator=torch.Generator().manual_seed(0)).tolist()
     n, L = args.n, args.max_new_tokens
-    print(f"model: {desc}; device {device}; CPU {cpu_name()}; torch threads {torch.get_num_threads()}")
+    print(f"model: {desc}; device {device}; CPU {cpu.cpu_name()}; torch threads {torch.get_num_threads()}")
     print(f"one prompt of {len(prompt)} tokens, n={n} completions x {L} new tokens, temperature 0.3, EOS ignored")
 
     def sync():

@@ -54,7 +54,7 @@ def one(args) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tinyrl import cpu
-    from tinyrl.lora import inject_lora, lora_parameters
+    from tinyrl.lora import inject_lora
     from tinyrl.memory import predict, shape_from_config
     from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select
     from tinyrl.update import grpo_backward, tspmo_backward
@@ -94,8 +94,8 @@ def one(args) -> dict:
         base = rss_mb("VmRSS")
     start = time.perf_counter()
     if args.algo == "tspmo":
-        stats = tspmo_backward(model, prompt, completions, PrefixTree(completions, rewards), 0.01,
-                               lora_parameters(model), 0, max_batch_tokens=args.max_batch_tokens, full_logits=full)
+        stats = tspmo_backward(model, prompt, completions, PrefixTree(completions, rewards), 0,
+                               max_batch_tokens=args.max_batch_tokens, full_logits=full)
     else:
         sel = torch.Generator().manual_seed(0)
         positions = [list(range(len(c))) if args.algo == "grpo" else sgrpo_select(len(c), 50, 100, 0.1, sel)

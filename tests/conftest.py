@@ -1,10 +1,14 @@
 import os
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# the suite never reads or writes the user's cache (measured CPU kernels, downloads); subprocesses inherit this
+os.environ["TINYRL_CACHE"] = tempfile.mkdtemp(prefix="tinyrl-test-cache-")
 
 if os.environ.get("TINYRL_TEST_NO_ONEDNN"):  # run the suite with torch's oneDNN switched off (DEVELOPERS.md)
     import torch

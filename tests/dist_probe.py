@@ -31,8 +31,7 @@ def grads(model_dir: str, algo: str, shard=(0, 1)) -> dict[str, torch.Tensor]:
     rewards = [1.0, 0.0, 0.0, 1.0, 1.0]
     prompt = [1, 40, 41, 42]
     if algo == "tspmo":
-        tspmo_backward(model, prompt, completions, PrefixTree(completions, rewards), 0.01, lora_parameters(model), 0,
-                       shard=shard)
+        tspmo_backward(model, prompt, completions, PrefixTree(completions, rewards), 0, shard=shard)
     else:
         sel = torch.Generator().manual_seed(0)
         positions = [list(range(len(c))) if algo == "grpo" else sgrpo_select(len(c), 2, 4, 0.5, sel)

@@ -100,6 +100,11 @@ def test_on_real_tiny_runs_with_figure_and_without_matplotlib(tiny_dir, tmp_path
     table, header = rows(r.stdout.split("wrote")[0])
     assert header == ["GRPO", "T-SPMO"] and table["seeds"] == ["0, 1", "0, 1"]
     assert list(table).count("validation @ step 1 %") == 1 and "-" not in table["test per seed %"][0]
+    step1 = next(json.loads(x) for x in open(os.path.join(runs[0], "metrics.jsonl")) if json.loads(x)["step"] == 1)
+    assert table["‖ΔW‖ / mean abs(A) / mean abs(B) @ step 1"][0] == \
+        " / ".join(f"{step1[k]:.3g}" for k in ("delta_w_norm", "lora_a_abs", "lora_b_abs"))  # GRPO, seed 0
+    l2 = table["gradient norm, L2 term (mean)"]
+    assert l2[0] == "0" and float(l2[1]) > 0  # lambda acts on T-SPMO only
     assert png.read_bytes()[:4] == b"\x89PNG"
     no_mpl = "import sys; sys.modules['matplotlib'] = None; from tinyrl.compare import main; from tinyrl.cli import " \
              f"run_main; run_main(lambda: main({runs + ['--out', str(tmp_path / 'x.png')]!r}))"

@@ -1,4 +1,6 @@
 """The CPU kernels (tinyrl/cpu.py): the same results as torch's kernels, scoped, and chosen only when measured faster."""
+import json
+
 import pytest
 import torch
 
@@ -10,9 +12,10 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 
 @pytest.fixture
-def auto_mode(monkeypatch):
-    """Measure, whatever TINYRL_CPU_KERNELS says for the rest of the suite."""
+def auto_mode(monkeypatch, tmp_path):
+    """Measure, whatever TINYRL_CPU_KERNELS says for the rest of the suite, with an empty cache."""
     monkeypatch.setattr(cpu, "_mode", "auto")
+    monkeypatch.setenv("TINYRL_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -115,6 +118,38 @@ def test_choose_keeps_torch_unless_another_is_measured_faster(tiny, auto_mode, s
 
 
 @needs_onednn
+def test_a_measured_choice_is_cached_per_machine_threads_and_shapes(tiny, auto_mode, monkeypatch):
+    """A new process (here: a forgotten decision) reads the machine's cache instead of measuring; another
+    thread count or probe shape is measured anew; a damaged cache file is measured over and rewritten."""
+    model, _ = tiny
+    seconds = {Kernels(): 1.0, Kernels(True): 0.5}
+    never = lambda: pytest.fail("a cached choice must not be measured again")  # noqa: E731
+    assert cpu.choose(model, "decode", fake_probe(model, seconds), list(seconds), "4 rows") == Kernels(True)
+    cached = json.loads(open(cpu.kernel_cache_path()).read())
+    assert len(cached) == 1 and list(cached.values()) == [{"linear": True, "attention": False, "speedup": 2.0}]
+    key = next(iter(cached))
+    assert cpu.cpu_name() in key and torch.__version__ in key and f"{torch.get_num_threads()} threads" in key
+    cpu._chosen.pop(model)
+    assert cpu.choose(model, "decode", never, list(seconds), "4 rows") == Kernels(True)
+    assert cpu.decisions(model)["decode"]["speedup"] == 2.0
+    cpu._chosen.pop(model)
+    slower = {Kernels(): 1.0, Kernels(True): 1.5}
+    assert cpu.choose(model, "decode", fake_probe(model, slower), list(slower), "64 rows") == Kernels()
+    cpu._chosen.pop(model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert cpu.choose(model, "decode", fake_probe(model, slower), list(slower), "4 rows") == Kernels()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(json.loads(open(cpu.kernel_cache_path()).read())) == 3
+    open(cpu.kernel_cache_path(), "w").write("{torn")
+    cpu._chosen.pop(model)
+    assert cpu.choose(model, "decode", fake_probe(model, slower), list(slower), "4 rows") == Kernels()
+    assert len(json.loads(open(cpu.kernel_cache_path()).read())) == 1
+
+
+@needs_onednn
 def test_forced_modes_and_adopted_decisions(tiny, monkeypatch):
     model, _ = tiny
     candidates = [Kernels(True), Kernels(False, True)]
@@ -149,3 +184,46 @@ def test_sampler_measures_once_on_real_decode_steps(lora_model, auto_mode):
     measured = cpu.decisions(model)["decode"]
     assert measured["speedup"] >= 1.0 and got == expected
     assert sample(model, prompt, 3, 12, 0.0, [0, 2]) == expected and cpu.decisions(model)["decode"] == measured
+
+
+class Shapes:
+    hidden_size, intermediate_size = 64, 128
+
+
+@pytest.mark.parametrize("requested, bf16, f32, device, expected, says", [
+    ("auto", 40.0, 20.0, "cpu", "bfloat16", "--dtype auto: bfloat16 (bfloat16 40 vs float32 20 GFLOP/s"),
+    ("auto", 23.0, 20.0, "cpu", "float32", "--dtype auto: float32 (bfloat16 23 vs float32 20 GFLOP/s"),  # < 1.2x
+    ("auto", 21.0, 167.0, "cpu", "float32", "bfloat16 21 vs float32 167"),  # the AVX2-only Zen 3
+    ("auto", None, None, "cuda", "bfloat16", None),  # a GPU: nothing to measure
+    ("bfloat16", 21.0, 167.0, "cpu", "bfloat16", "warning: bfloat16 is slower than float32 on this CPU (bfloat16 21 "
+                                                 "vs float32 167 GFLOP/s on this model's shapes)"),
+    ("bfloat16", 40.0, 20.0, "cpu", "bfloat16", None),
+    ("float32", None, None, "cpu", "float32", None),
+])
+def test_dtype_rule_on_fake_timings(requested, bf16, f32, device, expected, says):
+    def speed(config):
+        assert bf16 is not None, "measured where nothing needed measuring"
+        return {"float32": f32, "bfloat16": bf16}
+    dtype, line = cpu.pick_dtype(Shapes, requested, torch.device(device), speed)
+    assert dtype == expected
+    assert (line is None) if says is None else (says in line)
+
+
+def test_linear_speed_counts_flops_and_is_cached(auto_mode):
+    fake = cpu.linear_speed(Shapes, rows=8, timer=lambda dtype: 1e-3 if dtype == torch.float32 else 4e-3)
+    flops = 2 * 8 * (64 * 64 + 64 * 128 + 128 * 64)
+    assert fake == pytest.approx({"float32": flops / 1e-3 / 1e9, "bfloat16": flops / 4e-3 / 1e9}, rel=1e-3)
+    measured = cpu.linear_speed(Shapes, rows=8)  # real: tiny shapes, milliseconds
+    assert measured["float32"] > 0 and measured["bfloat16"] > 0
+    assert any("dtype speed" in k for k in json.loads(open(cpu.kernel_cache_path()).read()))
+    assert cpu.linear_speed(Shapes, rows=8) == measured  # the second call reads the cache
+
+
+def test_train_with_dtype_auto_records_the_choice(tiny_dir, tmp_path, capsys, auto_mode):
+    import train
+
+    run = tmp_path / "run"
+    assert train.main(["--model", tiny_dir, "--out", str(run), "--dtype", "auto", "--steps", "1", "--group-size",
+                       "2", "--max-new-tokens", "4", "--eval-every", "0", "--test-n", "0"]) == 0
+    assert "--dtype auto: " in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["dtype"] in ("float32", "bfloat16")

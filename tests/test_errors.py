@@ -46,7 +46,7 @@ def test_real_cli_subprocess(tiny_dir, args, message):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--task", "gsm8k"], "argument --task: invalid choice: 'gsm8k'"),
+    (["--task", "gsm8k"], "--task must be mult, svamp or a FILE.jsonl, got gsm8k"),
     (["--algo", "ppo"], "invalid choice: 'ppo'"),
     (["--group-size", "1"], "--group-size must be >= 2 (advantages compare completions), got 1"),
     (["--k", "-1"], "--k must be >= 0, got -1"),

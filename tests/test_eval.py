@@ -17,7 +17,10 @@ def test_eval_end_to_end(tiny_dir, tmp_path):
     assert "mult-3x3 test: accuracy" in r.stdout and "95% CI" in r.stdout and "tokens/s" in r.stdout
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 6
-    assert set(lines[0]) == {"id", "prompt", "completion", "parsed", "answer", "correct"}
+    assert set(lines[0]) == {"id", "prompt", "completion", "parsed", "answer", "reward", "correct", "tokens", "cut"}
+    assert all(x["tokens"] <= 12 and (not x["cut"] or x["tokens"] == 12) for x in lines)  # only the limit cuts
+    assert f"{sum(x['cut'] for x in lines)} cut at --max-new-tokens 12" in r.stdout
+    assert all(x["correct"] == (x["parsed"] == x["answer"]) == (x["reward"] == 1.0) for x in lines)  # the paper's rule
     assert lines[0]["answer"] == eval(lines[0]["id"].replace("x", "*"))
 
 

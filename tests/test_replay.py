@@ -54,3 +54,12 @@ def test_state_round_trips_through_json():
     other.load_state_dict(state)
     assert other.episodes == buf.episodes and other.episodes.maxlen == 4
     assert other.draw(2, 2) == buf.draw(2, 2)
+
+
+def test_replay_rewards_use_the_tasks_reward(tiny, tmp_path):
+    from tinyrl.tasks import Reward
+
+    _, tok = tiny
+    conts = [tok("ab", add_special_tokens=False).input_ids, tok("abc", add_special_tokens=False).input_ids]
+    by_length = Reward(lambda text, answer: len(text) / answer, "len")
+    assert replay_rewards(tok, tok("x", add_special_tokens=False).input_ids, conts, 4, by_length, "p") == [0.75, 1.0]

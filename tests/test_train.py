@@ -34,7 +34,8 @@ def test_two_steps_write_every_artifact(tiny_dir, tmp_path, algo, task, capsys):
     assert [m["step"] for m in lines] == [0, 1, 2]
     for m in lines[1:]:
         for key in ("reward_mean", "accuracy", "loss", "tokens_in_loss", "sec_sample", "sec_reward", "sec_loss",
-                    "sec_optim", "peak_mem_mb", "val_accuracy"):
+                    "sec_optim", "peak_mem_mb", "val_accuracy", "grad_norm", "grad_norm_l2", "lora_a_abs", "lora_b_abs",
+                    "delta_w_norm"):
             assert key in m, key
         sampled = m["completion_len"] * 3  # |G| = 3
         if algo == "tspmo":
@@ -66,3 +67,30 @@ def test_eval_loads_the_trained_adapter_and_plot_draws_it(tiny_dir, tmp_path):
              f"run_main; run_main(lambda: main([{str(run)!r}]))"
     r = subprocess.run([sys.executable, "-c", no_mpl], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_lam_mode_is_saved_honoured_on_resume_and_logged(tiny_dir, tmp_path, capsys):
+    """--lam-mode decoupled: AdamW decays the LoRA weights, no L2 gradient; the mode defines the run, so a resume
+    keeps it, refuses another, and a run from before the flag existed resumes as it ran (lam in the loss)."""
+    run = tmp_path / "run"
+    flags = ["--algo", "tspmo", "--model", tiny_dir, "--out", str(run), "--task", "mult", *FAST]
+    assert train.main([*flags, "--lam-mode", "decoupled"]) == 0
+    assert json.loads((run / "config.json").read_text())["lam_mode"] == "decoupled"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
+    assert all(m["grad_norm_l2"] == 0.0 and m["lora_a_abs"] > 0 and m["delta_w_norm"] >= 0 for m in lines)
+    assert train.main(["--resume", str(run), "--steps", "3"]) == 0
+    state = json.loads((run / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.01]  # the tspmo preset's lam
+    cfg, _ = train.parse_config(["--resume", str(run)])
+    assert cfg.lam_mode == "decoupled"
+    with pytest.raises(train.UserError, match="--lam-mode loss"):
+        train.parse_config(["--resume", str(run), "--lam-mode", "loss"])
+    saved = json.loads((run / "config.json").read_text())
+    del saved["lam_mode"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert train.parse_config(["--resume", str(run)])[0].lam_mode == "loss"
+
+    loss_run = tmp_path / "loss"
+    assert train.main([*flags[:5], str(loss_run), *flags[6:]]) == 0
+    lines = [json.loads(x) for x in (loss_run / "metrics.jsonl").read_text().splitlines()][1:]
+    assert all(m["grad_norm_l2"] > 0 for m in lines)  # lam = 0.01 in the loss: 2·lam·||W||

@@ -4,8 +4,9 @@ import torch
 
 from tinyrl import cpu
 from tinyrl.lora import inject_lora, lora_modules, lora_parameters
-from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select
-from tinyrl.update import grpo_backward, pack, selected_logprobs, tspmo_backward, tspmo_positions
+from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select, tspmo_loss
+from tinyrl.update import (grpo_backward, l2_gradient, make_optimizer, pack, selected_logprobs, tspmo_backward,
+                           tspmo_positions)
 
 PROMPT = [1, 40, 41, 42, 43, 44]
 
@@ -41,7 +42,7 @@ def test_one_step_raises_good_token_and_lowers_bad(model, algo):
     before = first_token_probs(model, [good, bad])
     if algo == "tspmo":
         tree = PrefixTree(completions, rewards)
-        tspmo_backward(model, PROMPT, completions, tree, lam=0.0, lora_weights=[], pad_id=0)
+        tspmo_backward(model, PROMPT, completions, tree, pad_id=0)
     else:
         sel = torch.Generator().manual_seed(0)
         positions = [list(range(len(c))) if algo == "grpo" else sgrpo_select(len(c), 1, 2, 0.5, sel)
@@ -54,15 +55,88 @@ def test_one_step_raises_good_token_and_lowers_bad(model, algo):
     assert after[0] > before[0] and after[1] < before[1]
 
 
-def test_lambda_term_shrinks_lora_weights(model):
+def test_lam_in_the_loss_gives_eq10s_gradient(model):
+    """--lam-mode loss: the policy term's backward plus `l2_gradient` equal autograd through Eq. (10) as written,
+    -(1/|U|) Σ pi·A + lam·Σ||W||² over every LoRA matrix (the gradients training had before the modes existed)."""
+    g = torch.Generator().manual_seed(3)
+    completions = [torch.randint(3, 299, (n,), generator=g).tolist() for n in (6, 5, 8)]
+    completions[1] = completions[0][:2] + completions[1]
+    tree, params, lam = PrefixTree(completions, [1.0, 0.0, 1.0]), lora_parameters(model), 0.01
+    positions, advantages = tspmo_positions(tree)
+    needed = [i for i, ts in enumerate(positions) if ts]
+    logp = selected_logprobs(model, PROMPT, [completions[i] for i in needed], [positions[i] for i in needed], 0)
+    adv = torch.tensor([a for i in needed for a in advantages[i]])
+    objective = torch.autograd.grad(tspmo_loss(logp, adv, len(tree))[0], params, retain_graph=True)
+    expected = torch.autograd.grad(tspmo_loss(logp, adv, len(tree), params, lam)[0], params)  # Eq. (10) whole
+    zero(model)
+    tspmo_backward(model, PROMPT, completions, tree, pad_id=0)
+    norms = l2_gradient(params, lam)
+    assert all(torch.allclose(p.grad, e, rtol=1e-5, atol=1e-9) for p, e in zip(params, expected))
+    assert norms["grad_norm"] == pytest.approx(torch.linalg.vector_norm(torch.cat([o.flatten() for o in objective])).item(),
+                                               rel=1e-5)
+    weights = torch.cat([p.detach().flatten() for p in params])
+    assert norms["grad_norm_l2"] == pytest.approx(2 * lam * weights.norm().item(), rel=1e-5)
+    assert norms["l2_loss"] == pytest.approx(lam * weights.square().sum().item(), rel=1e-5)
+
+
+def test_lam_with_no_policy_gradient_still_acts_in_loss_mode(model):
     completions, rewards = [[5, 0], [5, 0]], [1.0, 1.0]  # every A = 0: only the L2 term acts
-    norm = sum((p ** 2).sum() for p in lora_parameters(model)).item()
-    tspmo_backward(model, PROMPT, completions, PrefixTree(completions, rewards), lam=0.1,
-                   lora_weights=lora_parameters(model), pad_id=0)
-    for p in lora_parameters(model):
-        assert torch.allclose(p.grad, 0.2 * p)  # d/dW of lam·||W||² = 2·lam·W
-    sgd_step(model)
-    assert sum((p ** 2).sum() for p in lora_parameters(model)).item() < norm
+    zero(model)
+    tspmo_backward(model, PROMPT, completions, PrefixTree(completions, rewards), pad_id=0)
+    norms = l2_gradient(lora_parameters(model), 0.1)
+    assert norms["grad_norm"] == 0.0
+    assert all(torch.allclose(p.grad, 0.2 * p) for p in lora_parameters(model))  # d/dW of lam·||W||² = 2·lam·W
+
+
+def toy_objective(w: torch.Tensor) -> torch.Tensor:
+    return ((w - torch.linspace(-1, 1, w.numel())) ** 2).sum() * 1e-3  # any smooth loss with a nonzero gradient
+
+
+@pytest.mark.parametrize("lam_mode", ["loss", "decoupled"])
+def test_lam_modes_equal_torch_adamw_step_for_step(lam_mode):
+    """decoupled = torch.optim.AdamW(weight_decay=lam) on the objective alone; loss = AdamW(weight_decay=0) on the
+    objective + lam·||W||², differentiated by autograd. 30 steps, compared after each."""
+    lr, lam = 1e-2, 0.05
+    w = torch.nn.Parameter(torch.linspace(0.5, -0.3, 6))
+    ref = torch.nn.Parameter(w.detach().clone())
+    opt, lam_in_loss = make_optimizer([w], lr, lam, lam_mode)
+    ref_opt = torch.optim.AdamW([ref], lr=lr, weight_decay=lam if lam_mode == "decoupled" else 0.0)
+    for _ in range(30):
+        toy_objective(w).backward()
+        l2_gradient([w], lam_in_loss)
+        opt.step()
+        opt.zero_grad()
+        (toy_objective(ref) + (lam * (ref ** 2).sum() if lam_mode == "loss" else 0)).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert torch.allclose(w, ref, rtol=1e-6, atol=1e-8)
+    assert opt.param_groups[0]["weight_decay"] == (lam if lam_mode == "decoupled" else 0.0)
+
+
+def test_lam_in_the_loss_erases_an_adapter_that_gets_no_policy_gradient():
+    """The mechanism of docs/design.md, by hand. B = 0 at initialisation, so A's only gradient is 2·lam·A. Adam's
+    first step is lr·g/(|g| + eps) = lr, whatever lam; later steps stay <= lr as |g| shrinks. At the paper's lr 1e-4
+    and lam 0.01, an A entry of Qwen2-1.5B's mean size (1/(2·sqrt(1536)) = 0.0128) loses ~lr a step at first and is
+    under a tenth of itself by step 200. The decoupled reading multiplies it by (1 - lr·lam) a step instead."""
+    lr, lam, a0 = 1e-4, 0.01, 1 / (2 * 1536 ** 0.5)
+    for lam_mode in ("loss", "decoupled"):
+        a = torch.nn.Parameter(torch.full((8,), a0, dtype=torch.float64))  # float64: no rounding in the hand check
+        opt, lam_in_loss = make_optimizer([a], lr, lam, lam_mode)
+        values = []
+        for _ in range(200):
+            a.grad = torch.zeros_like(a)  # backward reaches A, but while B = 0 its policy gradient is 0
+            l2_gradient([a], lam_in_loss)
+            opt.step()
+            values.append(a[0].item())
+        if lam_mode == "loss":
+            g = 2 * lam * a0
+            assert values[0] == pytest.approx(a0 - lr * g / (g + 1e-8), rel=1e-6)  # step 1: exactly lr
+            steps = [x - y for x, y in zip([a0] + values, values)]
+            assert all(0 < s <= lr * 1.0001 for s in steps)  # shrinks every step, never by more than lr
+            assert a0 - values[49] > 0.8 * 50 * lr  # ~lr a step over the first 50
+            assert values[-1] < 0.1 * a0  # erased by step 200
+        else:
+            assert values[-1] == pytest.approx(a0 * (1 - lr * lam) ** 200, rel=1e-6)
 
 
 def grads(model):
@@ -82,8 +156,8 @@ def backward_once(model, algo, full_logits=False) -> tuple[float, list[torch.Ten
     rewards = [1.0, 0.0, 0.0, 1.0]
     zero(model)
     if algo == "tspmo":
-        stats = tspmo_backward(model, PROMPT, completions, PrefixTree(completions, rewards), 0.01,
-                               lora_parameters(model), 0, max_batch_tokens=30, full_logits=full_logits)
+        stats = tspmo_backward(model, PROMPT, completions, PrefixTree(completions, rewards), 0,
+                               max_batch_tokens=30, full_logits=full_logits)
     else:
         sel = torch.Generator().manual_seed(0)
         positions = [list(range(len(c))) if algo == "grpo" else sgrpo_select(len(c), 2, 4, 0.5, sel)

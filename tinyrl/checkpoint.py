@@ -170,3 +170,25 @@ def append_jsonl(path: str, records: list[dict]) -> None:
         for r in records:
             f.write(json.dumps(r) + "\n")
         f.flush()
+
+
+class TensorBoard:
+    """A copy of metrics.jsonl's numbers as TensorBoard scalars in RUN_DIR/tensorboard (`--report-to
+    tensorboard`). metrics.jsonl stays the record: after a resume, events past the checkpoint are purged
+    just as its lines are."""
+
+    def __init__(self, run_dir: str, resumed_step: int):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resumed_step + 1 or None)
+
+    def log(self, line: dict) -> None:
+        for key, value in line.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                self.writer.add_scalar(key, value, line["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

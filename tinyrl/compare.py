@@ -124,6 +124,8 @@ def table(fields: list[str], groups: dict[tuple, list[Run]]) -> str:
                                                 for r in runs) for runs in cols]))
     rows.append(("best step", [" / ".join(str(r.final.get("best_step")) if r.final else "-" for r in runs)
                                for runs in cols]))
+    if any("delta_w_norm" in m for runs in cols for r in runs for m in r.steps):  # logs from before lack them
+        rows += adapter_rows(cols, eval_steps)
     rows.append(("seconds per step", [mean_sd([statistics.mean(r.step_seconds) for r in runs if r.steps])
                                       for runs in cols]))
     rows.append(("wall-clock, training min", [mean_sd([sum(r.step_seconds) / 60 for r in runs]) for runs in cols]))
@@ -137,6 +139,24 @@ def table(fields: list[str], groups: dict[tuple, list[Run]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows]
     return "\n".join(lines)
+
+
+def adapter_rows(cols: list[list[Run]], eval_steps: list[int]) -> list[tuple[str, list[str]]]:
+    """Whether an adapter grows or is erased: ||ΔW|| / mean |A| / mean |B| at each evaluation step (the first
+    seed's run, to 3 significant digits), and the gradient norms of the objective and of the L2 term."""
+    def at(r: Run, s: int) -> str:
+        m = next((m for m in r.steps if m["step"] == s and "delta_w_norm" in m), None)
+        return "-" if m is None else " / ".join(f"{m[k]:.3g}" for k in ("delta_w_norm", "lora_a_abs", "lora_b_abs"))
+
+    def mean_of(runs: list[Run], key: str) -> str:
+        values = [m[key] for r in runs for m in r.steps if m.get(key)]  # steps with no gradient are left out
+        return f"{statistics.mean(values):.3g}" if values else "0"
+
+    rows = [(f"‖ΔW‖ / mean abs(A) / mean abs(B) @ step {s}", [at(runs[0], s) for runs in cols])
+            for s in eval_steps if s > 0]
+    rows.append(("gradient norm, objective (mean over steps with one)", [mean_of(runs, "grad_norm") for runs in cols]))
+    rows.append(("gradient norm, L2 term (mean)", [mean_of(runs, "grad_norm_l2") for runs in cols]))
+    return rows
 
 
 def figure(fields: list[str], groups: dict[tuple, list[Run]], out: str) -> None:

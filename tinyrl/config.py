@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from tinyrl.cli import ArgParser, UserError
-from tinyrl.tasks import SVAMP_SHA256
+from tinyrl.tasks import PROMPT_TEMPLATE, SVAMP_SHA256
 
 
 def F(default, help: str):  # noqa: N802 - a field with its one-line comment, which is also its --help
@@ -24,11 +24,19 @@ def F(default, help: str):  # noqa: N802 - a field with its one-line comment, wh
 class Config:
     # what to train
     algo: str = F("tspmo", "grpo | sgrpo | tspmo")
-    task: str = F("mult", "mult | svamp")
+    task: str = F("mult", "mult | svamp | FILE.jsonl (your own problems; docs/training.md, 'Your own task')")
     model: str = F("Qwen/Qwen2-1.5B", "hub id, local folder or .gguf file (paper: Qwen2-1.5B)")
     digits: str = F("3x3", "mult operands: 3x3 (paper: 101..999), 2x1, or ranges like 11-99x2-9")
     svamp_file: str | None = F(None, "local SVAMP.json instead of the cached download")
     svamp_sha256: str = F(SVAMP_SHA256, "expected sha256 of the SVAMP file, or 'none'")
+    val_file: str | None = F(None, "FILE.jsonl task: validation problems (default: 10%% of the task file)")
+    test_file: str | None = F(None, "FILE.jsonl task: test problems (default: 20%% of the task file)")
+    prompt_template: str = F(PROMPT_TEMPLATE, "FILE.jsonl task: the prompt, with {question} (default: the paper's "
+                                              "SVAMP prompt)")
+    prompt_mode: str = F("plain", "FILE.jsonl task: plain (the template is the prompt, as for SVAMP) | chat (the "
+                                  "template is the user message of the model's chat template, as for mult)")
+    reward: str | None = F(None, "MODULE:FUNCTION or path/to/file.py:FUNCTION, R(completion, answer) -> float "
+                                 "(default: the paper's, last integer == answer)")
     # LoRA
     lora_rank: int = F(None, "r (paper: 8 mult, 16 svamp)")
     lora_alpha: float | None = F(None, "LoRA alpha; default = rank, i.e. scaling 1 (paper silent; docs/design.md)")
@@ -43,6 +51,8 @@ class Config:
     p: float = F(None, "S-GRPO: later tokens count with probability P (paper silent: 0.1; docs/design.md)")
     beta: float = F(None, "KL coefficient, GRPO/S-GRPO (paper: 0.01)")
     lam: float = F(None, "T-SPMO L2 coefficient on the LoRA weights (paper: 0.01)")
+    lam_mode: str = F("loss", "how lam acts: loss (lam·Σ||W||² in the loss, Eq. 10 as written) | decoupled "
+                              "(AdamW weight decay lam on the LoRA weights); docs/design.md")
     clip_eps: float | None = F(None, "PPO epsilon-clip of the ratio; off by default (one update per group)")
     log_prob: bool = F(False, "T-SPMO: use log pi instead of pi in Eq. (10) (not the paper)")
     # replay (T-SPMO)
@@ -52,7 +62,7 @@ class Config:
     replay_threshold: float = F(1.0, "r: a completion with R >= r is a success (paper silent; docs/design.md)")
     # optimisation
     steps: int = F(None, "optimizer steps (paper: mult 350 T-SPMO, 450 S-GRPO/GRPO; svamp 400, 325)")
-    lr: float = F(1e-4, "AdamW learning rate (paper: 1e-4), weight decay 0")
+    lr: float = F(1e-4, "AdamW learning rate (paper: 1e-4); weight decay lam under --lam-mode decoupled, else 0")
     batch_size: int = F(1, "prompts per optimizer step, by gradient accumulation (paper: 1; Table IV: 8)")
     seed: int = F(0, "seed of every random stream")
     # evaluation and the run directory
@@ -69,14 +79,18 @@ class Config:
     static_cache: bool = F(False, "sample with fixed shapes; on CUDA under torch.compile with CUDA graphs")
     parallel: str = F("group", "under torchrun: group (split one prompt's |G|) | prompts (a prompt per rank)")
     max_batch_tokens: int = F(8192, "token budget of one training forward pass")
-    dtype: str = F("float32", "float32 (paper) | bfloat16 | float16")
+    dtype: str = F("float32", "float32 (paper) | bfloat16 | float16 | auto (bfloat16 where measured >= 1.2x "
+                              "faster here, else float32; config.json records the choice)")
     cpu_kernels: str | None = F(None, "CPU only: auto (use oneDNN linears / two-matmul decode attention where "
                                       "measured faster here) | torch | fast (default: $TINYRL_CPU_KERNELS, else auto)")
     device: str | None = F(None, "cpu, cuda, cuda:1, ... (default: CUDA when present)")
+    report_to: str = F("none", "also log the metrics to: none | tensorboard (RUN_DIR/tensorboard; needs the "
+                               "tensorboard package)")
 
 
 def preset(algo: str, task: str) -> dict:
-    """The paper's settings for one (algo, task) pair."""
+    """The paper's settings for one (algo, task) pair; a FILE.jsonl task takes SVAMP's (word problems)."""
+    task = "mult" if task == "mult" else "svamp"
     lora = {"mult": {"lora_rank": 8, "lora_fraction": 0.25}, "svamp": {"lora_rank": 16, "lora_fraction": 1 / 3}}
     steps = {("tspmo", "mult"): 350, ("sgrpo", "mult"): 450, ("grpo", "mult"): 450,
              ("tspmo", "svamp"): 400, ("sgrpo", "svamp"): 325, ("grpo", "svamp"): 325}
@@ -93,12 +107,13 @@ def preset(algo: str, task: str) -> dict:
 
 # fields that may change when a run resumes; the others define the run and must stay as they were
 RESUMABLE = {"steps", "eval_every", "save_every", "keep", "device", "max_bad_steps", "test_n", "eval_batch_size",
-             "out", "parallel", "cpu_kernels"}
+             "out", "parallel", "cpu_kernels", "report_to"}
 
 
 def _check(cfg: Config) -> None:
     """Refuse values the maths cannot use, naming the flag and the value given."""
     rules = [
+        ("task", cfg.task in ("mult", "svamp") or cfg.task.endswith(".jsonl"), "mult, svamp or a FILE.jsonl"),
         ("group_size", cfg.group_size >= 2, ">= 2 (advantages compare completions)"),
         ("lora_rank", cfg.lora_rank >= 1, ">= 1"),
         ("lora_fraction", 0 < cfg.lora_fraction <= 1, "in (0, 1]"),
@@ -140,9 +155,10 @@ def _parser() -> ArgParser:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-        choices = {"algo": ["grpo", "sgrpo", "tspmo"], "task": ["mult", "svamp"],
-                   "dtype": ["float32", "bfloat16", "float16"], "parallel": ["group", "prompts"],
-                   "cpu_kernels": ["auto", "torch", "fast"]}.get(f.name)
+        choices = {"algo": ["grpo", "sgrpo", "tspmo"], "prompt_mode": ["plain", "chat"],
+                   "report_to": ["none", "tensorboard"],
+                   "dtype": ["float32", "bfloat16", "float16", "auto"], "parallel": ["group", "prompts"],
+                   "cpu_kernels": ["auto", "torch", "fast"], "lam_mode": ["loss", "decoupled"]}.get(f.name)
         p.add_argument(flag, type=kind, choices=choices, help=f.metadata["help"])
     return p
 
@@ -159,7 +175,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str | None]:
             raise UserError(f"--resume {resume}: no config.json there, so it is not a tinyrl run directory")
         try:
             with open(path) as f:
-                saved = json.load(f)
+                saved = {"lam_mode": "loss", **json.load(f)}  # runs from before --lam-mode had lam in the loss
             Config(**saved)
         except (ValueError, TypeError) as e:
             raise UserError(f"--resume {resume}: config.json is damaged or from another version ({e})") from None
@@ -189,6 +205,7 @@ def describe(cfg: Config) -> str:
     lines = []
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
+        value = repr(value) if isinstance(value, str) and "\n" in value else value  # one field, one line
         note = f"   (paper: {paper[f.name]})" if f.name in paper and paper[f.name] != value else ""
         lines.append(f"  {f.name:<17} = {value}{note}")
     return "\n".join(lines)

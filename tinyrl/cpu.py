@@ -12,7 +12,10 @@ Both compute the same products summed in another order, not at a lower precision
 So neither is a fixed default. `choose(model, phase, probe, candidates)` times each candidate on
 the model's own shapes the first time a phase runs ("decode": a sampler step; "update": a forward
 pass of training length) and keeps torch's path unless another is at least 5% faster. The choice
-is kept for the process (and in training checkpoints, so a resumed run keeps it). Override with
+is kept for the process, in training checkpoints (a resumed run keeps it), and in a cache file per
+machine (`kernel_cache_path()`: keyed by CPU model, torch version, thread count, the model's shapes
+and the probe's), so a new process on the same machine does not pay the measurement again; delete
+the file to measure again. Override with
 `--cpu-kernels` or the environment variable TINYRL_CPU_KERNELS: auto (measure, the default) |
 torch (never use these kernels) | fast (always use them, where the build supports them).
 """
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
+import platform
 import time
 import weakref
 from dataclasses import dataclass
@@ -75,14 +80,19 @@ def onednn_usable() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
-def choose(model: nn.Module, phase: str, probe: Callable[[], float], candidates: list[Kernels]) -> Kernels:
+def choose(model: nn.Module, phase: str, probe: Callable[[], float], candidates: list[Kernels],
+           shape: str = "") -> Kernels:
     """The kernels `phase` runs on for this CPU model: measured once (best of 3 timed probe() calls per
-    candidate, interleaved, after one warm-up each), then remembered. probe() returns its own seconds."""
+    candidate, interleaved, after one warm-up each), then remembered, in the process and in the machine's
+    cache file (`shape` names the probe's size). probe() returns its own seconds."""
     if not is_cpu(model) or mode() == "torch":
         return TORCH
     if mode() == "fast":
         return Kernels(any(c.linear for c in candidates), any(c.attention for c in candidates))
     record = _chosen.setdefault(model, {})
+    key = cache_key(model, phase, shape)
+    if phase not in record and (hit := read_cache().get(key)):
+        record[phase] = (Kernels(hit["linear"], hit["attention"]), hit["speedup"])
     if phase not in record:
         candidates = [TORCH] + [c for c in candidates if c != TORCH]
         times: dict[Kernels, float] = {}
@@ -99,7 +109,55 @@ def choose(model: nn.Module, phase: str, probe: Callable[[], float], candidates:
         if not best.linear:
             unpack(model)  # the packed copies made for the measurement would only take memory
         record[phase] = (best, round(times[TORCH] / times[best], 3))
+        write_cache(key, {"linear": best.linear, "attention": best.attention, "speedup": record[phase][1]})
     return record[phase][0]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def cache_key(model: nn.Module, phase: str, shape: str = "") -> str:
+    """What a measured choice depends on: the machine, torch, threads, the model's shapes, the probe's."""
+    c = model.config
+    dims = [getattr(c, k, None) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "num_key_value_heads", "vocab_size")]
+    return "|".join(map(str, [cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
+                              f"oneDNN {onednn_usable()}", *dims, next(model.parameters()).dtype,
+                              c._attn_implementation, phase, shape]))
+
+
+def kernel_cache_path() -> str:
+    from tinyrl.tasks import cache_dir  # $TINYRL_CACHE, else ~/.cache/tinyrl
+
+    return os.path.join(cache_dir(), "cpu_kernels.json")
+
+
+def read_cache() -> dict:
+    try:
+        with open(kernel_cache_path()) as f:
+            cache = json.load(f)
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):  # none yet, or damaged: measure (and rewrite it)
+        return {}
+
+
+def write_cache(key: str, decision: dict) -> None:
+    """Add one decision; a cache that cannot be written only costs the next process a measurement."""
+    path = kernel_cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({**read_cache(), key: decision}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def decisions(model: nn.Module) -> dict[str, dict]:
@@ -121,7 +179,8 @@ def describe(model: nn.Module) -> str:
     parts = [f"{phase}: {Kernels(d['linear'], d['attention'])}"
              + (f" ({d['speedup']:.2f}x torch's)" if d["speedup"] and (d["linear"] or d["attention"]) else "")
              for phase, d in decisions(model).items()]
-    return "; ".join(parts) + " (measured on this machine)" if parts else "not measured yet"
+    return "; ".join(parts) + f" (measured on this machine, kept in {kernel_cache_path()})" if parts \
+        else "not measured yet"
 
 
 @contextlib.contextmanager
@@ -247,3 +306,58 @@ def timed(fn: Callable[[], object]) -> Callable[[], float]:
         fn()
         return time.perf_counter() - start
     return probe
+
+
+# ---------------------------------------------------------------- bfloat16 or float32, by measurement
+BF16_MARGIN = 1.2  # `--dtype auto` takes bfloat16 on a CPU only where it is at least this much faster
+
+
+def linear_speed(config, rows: int = 64, timer: Callable[[torch.dtype], float] | None = None,
+                 cached: bool = True) -> dict[str, float]:
+    """GFLOP/s of F.linear in float32 and in bfloat16 on one decoder layer's shapes of `config` (q, gate, down
+    projections, `rows` rows: a decode step of a group, or an evaluation batch): best of 3 after a warm-up.
+    Kept in the machine's cache file like the kernel choice (CPUs without native bfloat16 run it ~8x slower)."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes = [(h, h), (h, i), (i, h)]  # (in, out)
+    flops = sum(2 * rows * a * b for a, b in shapes)
+    key = "|".join(map(str, [cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
+                             "dtype speed", rows, *shapes]))
+    if timer is None and cached and (hit := read_cache().get(key)):
+        return hit
+
+    def measure(dtype: torch.dtype) -> float:
+        g = torch.Generator().manual_seed(0)
+        pairs = [(torch.randn(rows, a, generator=g).to(dtype), torch.randn(b, a, generator=g).to(dtype)) for a, b in shapes]
+        best = float("inf")
+        with torch.no_grad():
+            for attempt in range(4):  # the first is a warm-up
+                start = time.perf_counter()
+                for x, w in pairs:
+                    F.linear(x, w)
+                if attempt:
+                    best = min(best, time.perf_counter() - start)
+        return best
+
+    seconds = {name: (timer or measure)(dtype) for name, dtype in (("float32", torch.float32),
+                                                                    ("bfloat16", torch.bfloat16))}
+    speed = {name: float(f"{flops / s / 1e9:.3g}") for name, s in seconds.items()}
+    if timer is None:
+        write_cache(key, speed)
+    return speed
+
+
+def pick_dtype(config, requested: str, device: torch.device, speed=linear_speed) -> tuple[str, str | None]:
+    """The dtype to load in, and a line to print (or None). `auto`: bfloat16 on a GPU; on a CPU bfloat16 only
+    where it is measured >= 1.2x float32's speed, else float32. An explicit bfloat16 that is slower here gets
+    a warning line with both figures."""
+    if device.type != "cpu" or requested not in ("auto", "bfloat16"):
+        return ("bfloat16" if requested == "auto" else requested), None
+    s = speed(config)
+    figures = f"bfloat16 {s['bfloat16']:g} vs float32 {s['float32']:g} GFLOP/s on this model's shapes"
+    if requested == "bfloat16":
+        if s["bfloat16"] < s["float32"]:
+            return "bfloat16", (f"warning: bfloat16 is slower than float32 on this CPU ({figures}); --dtype auto or "
+                                f"float32 would be faster")
+        return "bfloat16", None
+    chosen = "bfloat16" if s["bfloat16"] >= BF16_MARGIN * s["float32"] else "float32"
+    return chosen, f"  --dtype auto: {chosen} ({figures}; bfloat16 needs {BF16_MARGIN}x)"

@@ -8,7 +8,7 @@ import torch
 
 from tinyrl import dist
 from tinyrl.sampling import generate_continuous
-from tinyrl.tasks import Problem, parse_answer
+from tinyrl.tasks import Problem, Reward, parse_answer
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -33,10 +33,14 @@ def evaluate(
     generator: torch.Generator | None = None,
     progress: bool = True,
     desc: str = "eval",
+    reward: Reward = Reward(),
+    threshold: float = 1.0,
 ) -> dict:
     """Return {"accuracy", "ci95", "n", "correct", "tokens", "seconds", "tokens_per_s", "records"}.
 
-    Each record: id, prompt, completion, parsed, answer, correct. Greedy by default (the paper does not say).
+    Each record: id, prompt, completion, parsed (the last integer), answer, reward, correct (reward >= threshold:
+    with the paper's reward, parsed == answer), tokens and cut (stopped by max_new_tokens, not an EOS); "cut"
+    in the result counts those. Greedy by default (the paper does not say).
     Up to batch_size problems decode at once, a finished one's slot taking the next (`generate_continuous`).
     Under torchrun each rank takes every world-th problem and all ranks get every record, in order."""
     from tqdm.auto import tqdm
@@ -52,9 +56,10 @@ def evaluate(
     def record(i: int, ids: list[int]) -> None:
         nonlocal correct, done
         p, text = mine[i], tokenizer.decode(ids, skip_special_tokens=True)
-        parsed = parse_answer(text)
-        records[i] = {"id": p.id, "prompt": p.prompt, "completion": text, "parsed": parsed, "answer": p.answer,
-                      "correct": parsed == p.answer}
+        r = reward(text, p.answer, p.id)
+        records[i] = {"id": p.id, "prompt": p.prompt, "completion": text, "parsed": parse_answer(text),
+                      "answer": p.answer, "reward": r, "correct": r >= threshold, "tokens": len(ids),
+                      "cut": not ids or ids[-1] not in eos_ids}  # cut: ended at max_new_tokens, not at an EOS
         correct, done = correct + records[i]["correct"], done + 1
         bar.update(1)
         bar.set_postfix(acc=f"{correct / done:.3f}")
@@ -70,5 +75,6 @@ def evaluate(
     seconds = time.perf_counter() - start
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / max(1, len(records)), "ci95": wilson_interval(correct, len(records)),
-            "n": len(records), "correct": correct, "tokens": tokens, "seconds": seconds,
+            "n": len(records), "correct": correct, "cut": sum(r["cut"] for r in records), "tokens": tokens,
+            "seconds": seconds,
             "tokens_per_s": tokens / max(seconds, 1e-9), "records": records}

@@ -107,6 +107,17 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
 
 
+def adapter_norms(model: nn.Module) -> dict[str, float]:
+    """How big the adapter is, for the log: mean |A| and mean |B| over every entry of the LoRA matrices, and
+    ||ΔW|| = Σ over adapted modules of scaling·||B·A||_F. An adapter being erased shows here first."""
+    modules = list(lora_modules(model).values())
+    with torch.no_grad():
+        mean_abs = lambda ws: (sum(w.abs().sum() for w in ws) / sum(w.numel() for w in ws)).item()  # noqa: E731
+        return {"lora_a_abs": mean_abs([m.lora_A for m in modules]),
+                "lora_b_abs": mean_abs([m.lora_B for m in modules]),
+                "delta_w_norm": sum(torch.linalg.matrix_norm(m.delta_weight()).item() for m in modules)}
+
+
 @contextmanager
 def disable_lora(model: nn.Module):
     """Inside this block the model is the base model: pi_ref."""

@@ -150,7 +150,8 @@ def cost_note(cfg) -> str | None:
     except UserError:
         return None
     P = shape.params()
-    est = predict(shape, cfg.group_size, cfg.max_new_tokens, cfg.lora_rank, cfg.lora_fraction, cfg.dtype,
+    dtype = "float32" if cfg.dtype == "auto" else cfg.dtype  # auto is measured once the model loads: plan for more
+    est = predict(shape, cfg.group_size, cfg.max_new_tokens, cfg.lora_rank, cfg.lora_fraction, dtype,
                   cfg.chunk_size, cfg.max_batch_tokens, device="cpu")
     tokens = cfg.group_size * cfg.max_new_tokens * cfg.batch_size * (1 + cfg.replay_success + cfg.replay_failure)
     flops = tokens * 2 * P * (1 + 2 * cfg.lora_fraction + (cfg.beta > 0))  # sample, update through LoRA, reference

@@ -1,4 +1,5 @@
-"""Plot runs like the paper's Figure 1: validation accuracy and training reward against step.
+"""Plot runs like the paper's Figure 1: validation accuracy and training reward against step; below them,
+when the log has them, the gradient norms and the adapter's size.
 
     python -m tinyrl.plot runs/tspmo-mult-A runs/sgrpo-mult-B [--out curves.png] [--smooth 20]
 
@@ -49,6 +50,24 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+def draw_norms(ax_grad, ax_adapter, runs) -> None:
+    """Whether an adapter is being erased, at a glance: the objective's gradient norm against the L2 term's
+    (T-SPMO under --lam-mode loss), and the adapter's size, mean |A|, mean |B| and ||ΔW||, on log scales."""
+    for i, (label, _, lines) in enumerate(runs):
+        color = f"C{i}"
+        for key, style, name in (("grad_norm", "-", "objective"), ("grad_norm_l2", "--", "L2 term")):
+            points = [(m["step"], m[key]) for m in lines if m.get(key)]  # zeros have no place on a log scale
+            if points:
+                ax_grad.plot(*zip(*points), style, color=color, label=f"{label}: {name}")
+        for key, style, name in (("delta_w_norm", "-", "||ΔW||"), ("lora_a_abs", "--", "mean |A|"),
+                                 ("lora_b_abs", ":", "mean |B|")):
+            points = [(m["step"], m[key]) for m in lines if m.get(key)]
+            if points:
+                ax_adapter.plot(*zip(*points), style, color=color, label=f"{label}: {name}")
+    ax_grad.set(xlabel="step", ylabel="gradient norm", yscale="log", title="Gradient norms (step's main update)")
+    ax_adapter.set(xlabel="step", ylabel="size", yscale="log", title="Adapter size")
+
+
 def main(argv=None) -> int:
     p = ArgParser(description="Plot validation accuracy and training reward of tinyrl runs.")
     p.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
@@ -57,7 +76,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     plt = pyplot()
     runs = [read_run(r) for r in args.runs]
-    fig, (ax_val, ax_reward) = plt.subplots(1, 2, figsize=(11, 4))
+    norms = any("grad_norm" in m for _, _, lines in runs for m in lines)  # runs from before these columns lack them
+    fig, axes = plt.subplots(2 if norms else 1, 2, figsize=(11, 8 if norms else 4), squeeze=False)
+    (ax_val, ax_reward), *rest = axes
     for label, _, lines in runs:
         val = [(m["step"], 100 * m["val_accuracy"]) for m in lines if "val_accuracy" in m]
         train = [(m["step"], m["reward_mean"]) for m in lines if "reward_mean" in m]
@@ -68,7 +89,9 @@ def main(argv=None) -> int:
             ax_reward.plot(steps, moving_average(list(rewards), max(1, args.smooth)), label=label)
     ax_val.set(xlabel="step", ylabel="validation accuracy (%)", title="Validation accuracy")
     ax_reward.set(xlabel="step", ylabel=f"mean reward ({args.smooth}-step moving average)", title="Training reward")
-    for ax in (ax_val, ax_reward):
+    if norms:
+        draw_norms(*rest[0], runs)
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

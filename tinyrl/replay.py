@@ -11,7 +11,7 @@ import random
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from tinyrl.tasks import reward, rng_state, set_rng_state
+from tinyrl.tasks import Reward, rng_state, set_rng_state
 
 
 @dataclass
@@ -19,7 +19,8 @@ class Episode:
     prompt_ids: list[int]
     completion_ids: list[int]
     reward: float
-    answer: int
+    answer: int | float
+    problem: str = ""  # its id, for a plug-in reward's error message
 
 
 class ReplayBuffer:
@@ -63,6 +64,7 @@ class ReplayBuffer:
         set_rng_state(self.rng, state["rng"])
 
 
-def replay_rewards(tokenizer, kept: list[int], continuations: list[list[int]], answer: int) -> list[float]:
+def replay_rewards(tokenizer, kept: list[int], continuations: list[list[int]], answer: int | float,
+                   reward: Reward = Reward(), problem_id: str = "") -> list[float]:
     """Score each continuation with the kept tokens in front: text = kept part + continuation (paper §III-C)."""
-    return [reward(tokenizer.decode(kept + c, skip_special_tokens=True), answer) for c in continuations]
+    return [reward(tokenizer.decode(kept + c, skip_special_tokens=True), answer, problem_id) for c in continuations]

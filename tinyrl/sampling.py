@@ -124,7 +124,7 @@ def sampling_kernels(model, rows: int, positions: int):
     linear, attention = cpu.onednn_usable(), model.config._attn_implementation == "sdpa"
     candidates = [cpu.Kernels(lin, att) for lin in {False, linear} for att in {False, attention}]
     with torch.no_grad():
-        return cpu.use(model, cpu.choose(model, "decode", probe, candidates))
+        return cpu.use(model, cpu.choose(model, "decode", probe, candidates, f"{rows} rows x {positions} positions"))
 
 
 def forward_step(model, input_ids, cache, attention_mask=None, position_ids=None) -> torch.Tensor:

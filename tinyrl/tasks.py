@@ -1,18 +1,24 @@
-"""Tasks and the reward (paper Appendix A and B).
+"""Tasks and the reward (paper Appendix A and B), and your own task from a JSONL file.
 
 A task is three lists of `Problem`s (train, val, test) or, for multiplication, a function that
-draws fresh training problems. The reward is 1.0 when the last integer of the completion equals
-the answer. Adding a task takes one function that returns a `Task` (see the README).
+draws fresh training problems, and a reward. The paper's reward is 1.0 when the last integer of
+the completion equals the answer; `--reward MODULE:FUNCTION` plugs in another. A new task is a
+JSONL file (docs/training.md, "Your own task") or one function that returns a `Task`.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
+import math
+import numbers
 import os
 import random
 import re
+import sys
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from tinyrl.cli import UserError
@@ -23,15 +29,7 @@ class Problem:
     id: str
     prompt: str  # the exact text the model sees, template applied
     prompt_ids: list[int]
-    answer: int
-
-
-@dataclass
-class Task:
-    name: str
-    train: list[Problem] | Callable[[random.Random], Problem]  # a list, or a draw of a fresh problem
-    val: list[Problem]  # held out from train and test; picks the best checkpoint
-    test: list[Problem]  # the paper's test set
+    answer: int | float
 
 
 def parse_answer(text: str) -> int | None:
@@ -43,6 +41,62 @@ def parse_answer(text: str) -> int | None:
 def reward(text: str, answer: int) -> float:
     """1.0 for an exactly right final integer, else 0.0."""
     return 1.0 if parse_answer(text) == answer else 0.0
+
+
+@dataclass
+class Reward:
+    """R(completion, answer) -> float, and its name. Calling it checks the value, so a plug-in that raises or
+    returns a non-number stops the run with one line naming it and the problem."""
+    fn: Callable[[str, int | float], float] = reward
+    name: str = "the paper's reward (last integer == answer)"
+
+    def __call__(self, text: str, answer: int | float, problem_id: str) -> float:
+        try:
+            value = self.fn(text, answer)
+        except Exception as e:  # noqa: BLE001 - any failure of user code ends the run with one line
+            raise UserError(f"--reward {self.name} raised {type(e).__name__} on problem {problem_id}: {e}") from None
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise UserError(f"--reward {self.name} returned {value!r} on problem {problem_id}; it must return a "
+                            f"finite number")
+        return float(value)
+
+
+def load_reward(spec: str | None) -> Reward:
+    """`module:function` (importable, from the current directory too) or `path/to/file.py:function`; None is the
+    paper's reward."""
+    if not spec:
+        return Reward()
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise UserError(f"--reward {spec!r}: expected MODULE:FUNCTION or path/to/file.py:FUNCTION")
+    try:
+        if target.endswith(".py"):
+            if not os.path.isfile(target):
+                raise UserError(f"--reward {spec}: file {target} does not exist")
+            loader = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # `python path/to/train.py` puts the script's folder there, not yours
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an import that fails for any reason is the user's to fix
+        raise UserError(f"--reward {spec}: cannot import {target} ({type(e).__name__}: {e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"--reward {spec}: {target} has no function {name}")
+    return Reward(fn, spec)
+
+
+@dataclass
+class Task:
+    name: str
+    train: list[Problem] | Callable[[random.Random], Problem]  # a list, or a draw of a fresh problem
+    val: list[Problem]  # held out from train and test; picks the best checkpoint
+    test: list[Problem]  # the paper's test set
+    reward: Reward = field(default_factory=Reward)
 
 
 def chat_prompt(tokenizer, system: str, user: str, assistant_prefix: str = "") -> tuple[str, list[int]]:
@@ -208,14 +262,106 @@ def svamp_task(tokenizer, path: str | None = None, sha256: str | None = SVAMP_SH
     return Task("svamp", [p for p in rest if p.id not in val_ids], [p for p in rest if p.id in val_ids], test)
 
 
+# ---------------------------------------------------------------- your own task: JSONL (docs/training.md)
+PROMPT_TEMPLATE = "Problem: {question}\nAnswer:"  # the paper's SVAMP prompt
+CHAT_SYSTEM = MULT_SYSTEM  # the paper's multiplication prompt sends its system line through the chat template
+SPLIT_SEED, VAL_FRACTION, TEST_FRACTION = 0, 0.1, 0.2
+
+
+def gold_answer(value) -> int | float:
+    """A JSONL `answer`: a number, or a text whose gold value follows its last `#### ` (GSM8K); commas removed
+    (Appendix B). Integral values become ints, so the paper's reward can match them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"answer {value!r} is neither a number nor a text")
+    if isinstance(value, str):
+        text = value.rsplit("#### ", 1)[-1].replace(",", "").strip()
+        numbers_in = re.findall(r"-?\d+(?:\.\d+)?", text)
+        if not numbers_in:
+            raise ValueError(f"answer {value[-60:]!r} holds no number" + ("" if "#### " in value else
+                                                                          " (and no '#### ' before one)"))
+        value = float(numbers_in[0]) if "#### " in value else float(numbers_in[-1])
+    if not math.isfinite(value):
+        raise ValueError(f"answer {value!r} is not a finite number")
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """One {"question", "answer"[, "id"]} record per line; a bad file or line is one clear error."""
+    if not os.path.isfile(path):
+        raise UserError(f"task file {path} does not exist")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                if not isinstance(r, dict):
+                    raise ValueError("not a JSON object")
+                for key in ("question", "answer"):
+                    if key not in r:
+                        raise ValueError(f"no {key!r} field")
+                if not isinstance(r["question"], str) or not r["question"].strip():
+                    raise ValueError("'question' is not a text")
+                answer = gold_answer(r["answer"])
+                records.append({"id": str(r.get("id", n)), "question": r["question"], "answer": answer})
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                raise UserError(f"{path}, line {n}: {e}") from None
+    if len({r["id"] for r in records}) < len(records):
+        raise UserError(f"{path}: two problems share an id")
+    return records
+
+
+def jsonl_task(tokenizer, path: str, val_file: str | None = None, test_file: str | None = None,
+               template: str = PROMPT_TEMPLATE, prompt_mode: str = "plain", reward_fn: Reward | None = None) -> Task:
+    """Problems from JSONL files. Validation and test come from their own files when given; otherwise from a
+    fixed-seed split of `path` (10% and 20%, at least one each); training takes the rest of `path`."""
+    if "{question}" not in template:
+        raise UserError(f"--prompt-template {template!r} has no {{question}} to put the problem in")
+    if prompt_mode not in ("plain", "chat"):
+        raise UserError(f"--prompt-mode must be plain or chat, got {prompt_mode!r}")
+    main = read_jsonl(path)
+    shuffled = random.Random(SPLIT_SEED).sample(main, len(main))
+    held = {name: read_jsonl(file) if file else None for name, file in (("val", val_file), ("test", test_file))}
+    for name, fraction in (("test", TEST_FRACTION), ("val", VAL_FRACTION)):
+        if held[name] is None:  # taken from the main file: fixed seed, so every run and eval.py agree
+            k = max(1, round(fraction * len(main)))
+            held[name], shuffled = shuffled[:k], shuffled[k:]
+    if not shuffled or not held["val"] or not held["test"]:
+        raise UserError(f"{path} has {len(main)} problems: too few for a training split beside validation "
+                        f"({len(held['val'])}) and test ({len(held['test'])}); it needs at least 3, or give "
+                        f"--val-file and --test-file")
+
+    def problem(r: dict) -> Problem:
+        text = template.replace("{question}", r["question"].strip())  # replace, not format: braces stay literal
+        if prompt_mode == "chat":
+            prompt, ids = chat_prompt(tokenizer, CHAT_SYSTEM, text)
+        else:
+            prompt, ids = text, tokenizer(text).input_ids
+        return Problem(r["id"], prompt, ids, r["answer"])
+
+    train_ids = {r["id"] for r in shuffled}
+    train = [problem(r) for r in main if r["id"] in train_ids]
+    return Task(os.path.basename(path), train, [problem(r) for r in held["val"]], [problem(r) for r in held["test"]],
+                reward_fn or Reward())
+
+
 def load_task(name: str, tokenizer, digits: str = "3x3", svamp_file: str | None = None,
-              svamp_sha256: str | None = SVAMP_SHA256) -> Task:
-    """The task named on the command line. A new task is one more branch here."""
+              svamp_sha256: str | None = SVAMP_SHA256, val_file: str | None = None, test_file: str | None = None,
+              prompt_template: str = PROMPT_TEMPLATE, prompt_mode: str = "plain", reward: str | None = None) -> Task:
+    """The task named on the command line: mult, svamp or a .jsonl file, with its reward. A new task is one more
+    branch here."""
+    reward_fn = load_reward(reward)
+    if name.endswith(".jsonl"):
+        return jsonl_task(tokenizer, name, val_file, test_file, prompt_template, prompt_mode, reward_fn)
     if name == "mult":
-        return mult_task(tokenizer, digits)
-    if name == "svamp":
-        return svamp_task(tokenizer, svamp_file, svamp_sha256)
-    raise UserError(f"unknown task {name!r}; choose mult or svamp")
+        task = mult_task(tokenizer, digits)
+    elif name == "svamp":
+        task = svamp_task(tokenizer, svamp_file, svamp_sha256)
+    else:
+        raise UserError(f"unknown task {name!r}; choose mult, svamp or a FILE.jsonl")
+    task.reward = reward_fn
+    return task
 
 
 class TrainStream:

@@ -15,6 +15,8 @@ machine says it is faster (`update_kernels`, tinyrl/cpu.py).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
@@ -74,8 +76,8 @@ def update_kernels(model, tokens: int = 256):
         with torch.no_grad():
             model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state)
 
-    kernels = cpu.choose(model, "update", cpu.timed(forward), [cpu.Kernels(linear=True)]) if cpu.is_cpu(model) \
-        else cpu.TORCH
+    kernels = cpu.choose(model, "update", cpu.timed(forward), [cpu.Kernels(linear=True)], f"{tokens} tokens") \
+        if cpu.is_cpu(model) else cpu.TORCH
     return cpu.use(model, kernels, backward=True)
 
 
@@ -170,8 +172,6 @@ def tspmo_backward(
     prompt_ids: list[int],
     completions: list[list[int]],
     tree: PrefixTree,
-    lam: float,
-    lora_weights: list[torch.Tensor],
     pad_id: int,
     log_prob: bool = False,
     max_batch_tokens: int | None = None,
@@ -179,30 +179,54 @@ def tspmo_backward(
     shard: tuple[int, int] = (0, 1),
     full_logits: bool = False,
 ) -> dict:
-    """Backpropagate T-SPMO (Eq. 10) for one prefix tree: one forward per completion that owns needed pairs."""
+    """Backpropagate T-SPMO's policy term of Eq. (10) for one prefix tree: one forward per completion that owns
+    needed pairs. Eq. (10)'s λ·Σ||W||² acts once per optimizer step, after every gradient is in (`l2_gradient`)."""
     positions, advantages = tspmo_positions(tree, shard)
     mine = {i: len(prompt_ids) + max(ts) for i, ts in enumerate(positions) if ts}
     num_pairs = len(tree)
     stats = {"loss": 0.0, "num_pairs": num_pairs, "nonzero_pairs": 0, "tokens_in_loss": 0, "forward_tokens": 0,
              "forward_passes": 0}
-    l2_weights = lora_weights if shard[0] == 0 else []  # the L2 term counts once, on rank 0
     device = next(model.parameters()).device
     with update_kernels(model):
-        for batch in pack(mine, max_batch_tokens) or [[]]:  # [[]]: no pair has A != 0, only the L2 term acts
-            if batch:
-                logp = selected_logprobs(model, prompt_ids, [completions[i] for i in batch],
-                                         [positions[i] for i in batch], pad_id, full_logits=full_logits)
-            else:
-                logp = torch.zeros(0, device=device)
+        for batch in pack(mine, max_batch_tokens):  # none when no pair has A != 0: no policy gradient
+            logp = selected_logprobs(model, prompt_ids, [completions[i] for i in batch],
+                                     [positions[i] for i in batch], pad_id, full_logits=full_logits)
             adv = torch.tensor([a for i in batch for a in advantages[i]], device=device)
-            loss, _ = tspmo_loss(logp, adv, num_pairs, l2_weights, lam, log_prob)
-            l2_weights = []
+            loss, _ = tspmo_loss(logp, adv, num_pairs, log_prob=log_prob)
             loss = loss * scale
-            if loss.requires_grad:
-                loss.backward()
+            loss.backward()
             stats["loss"] += loss.item()
             stats["nonzero_pairs"] += len(adv)
             stats["tokens_in_loss"] += len(adv)
             stats["forward_tokens"] += sum(mine[i] for i in batch)
-            stats["forward_passes"] += bool(batch)
+            stats["forward_passes"] += 1
     return stats
+
+
+def make_optimizer(params: list[torch.Tensor], lr: float, lam: float, lam_mode: str) -> tuple[torch.optim.AdamW, float]:
+    """AdamW over the LoRA weights, and the λ that `l2_gradient` puts in the loss. The paper's "AdamW ... β = λ =
+    0.01" has two readings: λ·Σ||W||² as a term of the loss (`loss`, Eq. 10 as written; AdamW's own decay 0),
+    or AdamW's decoupled weight decay λ, W <- W - lr·λ·W each step (`decoupled`, no L2 term). docs/design.md."""
+    if lam_mode not in ("loss", "decoupled"):
+        raise ValueError(f"lam_mode must be loss or decoupled, got {lam_mode!r}")
+    decay = lam if lam_mode == "decoupled" else 0.0
+    return torch.optim.AdamW(params, lr=lr, weight_decay=decay), lam - decay
+
+
+def l2_gradient(params: list[torch.Tensor], lam: float) -> dict:
+    """Eq. (10)'s regulariser read as a term of the loss (`--lam-mode loss`): adds d/dW λ·Σ||W||² = 2λ·W to
+    each gradient, once the objective's gradients are complete (every prompt of the step, every rank).
+
+    Returns, for the log, the norm of the objective's gradient (`grad_norm`), of the L2 gradient
+    (`grad_norm_l2`) and the L2 term's value (`l2_loss`), measured apart, before they are summed."""
+    with torch.no_grad():
+        objective = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in objective])) \
+            if objective else torch.zeros(())
+        sq = sum(p.float().square().sum() for p in params)  # Σ||W||²
+        if lam:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(p, alpha=2 * lam)
+    return {"grad_norm": grad_norm.item(), "grad_norm_l2": 2 * lam * math.sqrt(sq.item()), "l2_loss": lam * sq.item()}
