@@ -69,10 +69,10 @@ def load_reward(spec: str | None) -> Reward:
     target, _, name = spec.rpartition(":")
     if not target or not name:
         raise UserError(f"--reward {spec!r}: expected MODULE:FUNCTION or path/to/file.py:FUNCTION")
+    if target.endswith(".py") and not os.path.isfile(target):
+        raise UserError(f"--reward {spec}: file {target} does not exist")
     try:
         if target.endswith(".py"):
-            if not os.path.isfile(target):
-                raise UserError(f"--reward {spec}: file {target} does not exist")
             loader = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(target))[0], target)
             module = importlib.util.module_from_spec(loader)
             loader.loader.exec_module(module)
@@ -80,8 +80,6 @@ def load_reward(spec: str | None) -> Reward:
             if os.getcwd() not in sys.path:  # `python path/to/train.py` puts the script's folder there, not yours
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(target)
-    except UserError:
-        raise
     except Exception as e:  # noqa: BLE001 - an import that fails for any reason is the user's to fix
         raise UserError(f"--reward {spec}: cannot import {target} ({type(e).__name__}: {e})") from None
     fn = getattr(module, name, None)
