@@ -111,3 +111,36 @@ def test_on_real_tiny_runs_with_figure_and_without_matplotlib(tiny_dir, tmp_path
     r = subprocess.run([sys.executable, "-c", no_mpl], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
     assert "| seeds | 0, 1 | 0, 1 |" in r.stdout  # the table printed before the figure failed
+
+
+def test_mcnemar_by_hand():
+    from tinyrl.evaluate import mcnemar
+
+    # 5 problems only the new model solves, none it loses: p = 2 * 0.5^5 = 0.0625
+    assert mcnemar([False] * 5 + [True] * 3, [True] * 8) == (5, 0, 0.0625)
+    # 9 gained, 1 lost: p = 2 * (C(10,0) + C(10,1)) / 2^10 = 22 / 1024
+    base = [False] * 9 + [True] + [True] * 4 + [False] * 6
+    other = [True] * 9 + [False] + [True] * 4 + [False] * 6
+    assert mcnemar(base, other) == (9, 1, 22 / 1024)
+    assert mcnemar([True, False], [True, False]) == (0, 0, 1.0)  # no discordant pair: no evidence either way
+
+
+def test_paired_test_against_the_base_model(tmp_path, capsys):
+    run = fake_run(tmp_path, "t0", "tspmo", 0, {0: 0.1, 2: 0.3}, test=0.5)
+    final = json.loads(open(os.path.join(run, "final_eval.json")).read())
+    (tmp_path / "t0" / "final_eval.json").write_text(json.dumps({**final, "correct": 5, "n": 10}))
+    run_right = [True] * 5 + [False] * 5
+    base_right = [False] * 4 + [True] * 2 + [False] * 4  # gained 0-3 (4), lost 5 (1): +4/-1
+    (tmp_path / "t0" / "test_results.jsonl").write_text(
+        "".join(json.dumps({"id": f"p{i}", "correct": c}) + "\n" for i, c in enumerate(run_right)))
+    base = tmp_path / "base.jsonl"
+    base.write_text("".join(json.dumps({"id": f"p{i}", "correct": c}) + "\n" for i, c in enumerate(base_right)))
+    assert main([run, "--base", str(base)]) == 0
+    table, _ = rows(capsys.readouterr().out)
+    assert table["vs base, same problems (McNemar)"] == ["+4/-1, p=0.38"]  # 2 * (1 + 5) / 32 = 0.375
+    assert table["base model, test % [95% CI]"] == ["20.0 [5.7-51.0]"]
+    assert table["test per seed, % [95% CI]"] == ["50.0 [23.7-76.3]"]
+    base.write_text(json.dumps({"id": "other", "correct": True}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "tinyrl.compare", run, "--base", str(base)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "different problems" in r.stderr and "Traceback" not in r.stderr

@@ -10,6 +10,9 @@ mean ± sd over seeds (sd with n - 1; a cell over fewer runs says how many), the
 accuracy (mean ± sd and per seed), and what the runs cost: seconds per step, wall-clock, sampled
 tokens, peak memory. `--out` also draws validation accuracy against step, one line per group with
 the spread over seeds (min to max) as a band and the base model's accuracy as a dashed line.
+`--base FILE.jsonl` (the base model on the same test problems: `eval.py ... --out FILE.jsonl`) adds the base's
+test accuracy and, for each run, a paired test against it on the same problems (problems gained and lost,
+exact McNemar p), read from the run's test_results.jsonl. Every test accuracy has its 95% Wilson interval.
 matplotlib is optional: without it the table still prints, and asking for a figure exits 2.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import statistics
 import sys
 
 from tinyrl.cli import ArgParser, UserError, run_main
+from tinyrl.evaluate import mcnemar, wilson_interval
 from tinyrl.plot import pyplot, read_run
 
 NOT_A_SETTING = {"seed", "out", "save_every", "keep"}
@@ -38,7 +42,12 @@ class Run:
         self.steps = [m for m in self.lines if "reward_mean" in m]
         self.step_seconds = [sum(v for k, v in m.items() if k.startswith("sec_") and k != "sec_eval")
                              for m in self.steps]  # a validation logged on a step's line is not the step's time
-        self.final = None
+        self.final, self.results = None, None
+        try:
+            with open(os.path.join(path, "test_results.jsonl")) as f:
+                self.results = read_results(f, f"{path}/test_results.jsonl")
+        except FileNotFoundError:
+            pass
         try:
             with open(os.path.join(path, "final_eval.json")) as f:
                 final = json.load(f)
@@ -62,6 +71,33 @@ class Run:
                 total += m["completion_len"] * self.cfg["group_size"] * self.cfg.get("batch_size", 1)
                 exact = exact and self.cfg["algo"] != "tspmo"
         return total, exact
+
+
+def read_results(lines, name: str) -> dict[str, bool]:
+    """{problem id: correct} from per-problem records (eval.py --out, a run's test_results.jsonl)."""
+    try:
+        records = [json.loads(line) for line in lines if line.strip()]
+        return {str(r["id"]): bool(r["correct"]) for r in records}
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{name}: expected one JSON record with 'id' and 'correct' per line "
+                        f"(eval.py --out writes them)") from None
+
+
+def ci(correct: int, n: int) -> str:
+    lo, hi = wilson_interval(correct, n)
+    return f"{100 * correct / max(1, n):.1f} [{100 * lo:.1f}-{100 * hi:.1f}]"
+
+
+def paired(run: Run, base: dict[str, bool]) -> str:
+    """'+gained/-lost, p=...' of the run's best adapter against the base model on the same test problems."""
+    if run.results is None:
+        return "-"
+    if set(run.results) != set(base):
+        raise UserError(f"{run.path}/test_results.jsonl and --base hold different problems; evaluate the base "
+                        f"on the run's test split (same --task, --digits and --n)")
+    ids = sorted(base)
+    gained, lost, p = mcnemar([base[i] for i in ids], [run.results[i] for i in ids])
+    return f"+{gained}/-{lost}, p={p:.2g}"
 
 
 def group_runs(runs: list[Run]) -> tuple[list[str], dict[tuple, list[Run]]]:
@@ -106,7 +142,7 @@ def mean_sd(values: list[float], scale: float = 1.0, digits: int = 1, of: int | 
     return text
 
 
-def table(fields: list[str], groups: dict[tuple, list[Run]]) -> str:
+def table(fields: list[str], groups: dict[tuple, list[Run]], base: dict[str, bool] | None = None) -> str:
     """The comparison as a Markdown table: one column per group, one row per quantity."""
     cols = list(groups.values())
     eval_steps = sorted({s for runs in cols for r in runs for s in r.val})
@@ -122,6 +158,11 @@ def table(fields: list[str], groups: dict[tuple, list[Run]]) -> str:
                  [mean_sd([r.final["accuracy"] for r in runs if r.final], 100, of=len(runs)) for runs in cols]))
     rows.append(("test per seed %", [" / ".join(f"{100 * r.final['accuracy']:.1f}" if r.final else "-"
                                                 for r in runs) for runs in cols]))
+    rows.append(("test per seed, % [95% CI]", [" / ".join(ci(r.final["correct"], r.final["n"]) if r.final and "n" in r.final
+                                                        else "-" for r in runs) for runs in cols]))
+    if base is not None:
+        rows.append(("base model, test % [95% CI]", [ci(sum(base.values()), len(base))] * len(cols)))
+        rows.append(("vs base, same problems (McNemar)", [" / ".join(paired(r, base) for r in runs) for runs in cols]))
     rows.append(("best step", [" / ".join(str(r.final.get("best_step")) if r.final else "-" for r in runs)
                                for runs in cols]))
     if any("delta_w_norm" in m for runs in cols for r in runs for m in r.steps):  # logs from before lack them
@@ -187,6 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="run directories (runs/NAME); grouped by the config fields that differ; "
                                            "files are skipped, so a glob over a study's folder works")
     p.add_argument("--out", help="also draw validation accuracy against step into this PNG (needs matplotlib)")
+    p.add_argument("--base", help="the base model's per-problem test results (eval.py --out FILE.jsonl): adds a "
+                                  "paired test of each run against it")
     args = p.parse_args(argv)
     files = [r for r in args.runs if os.path.isfile(r)]  # a study's script or figure, matched by its folder's glob
     if files:
@@ -195,7 +238,14 @@ def main(argv=None) -> int:
     if not runs:
         raise UserError("no run directories given")
     fields, groups = group_runs(runs)
-    print(table(fields, groups))
+    base = None
+    if args.base:
+        try:
+            with open(args.base) as f:
+                base = read_results(f, args.base)
+        except OSError as e:
+            raise UserError(f"--base {args.base}: {e.strerror}") from None
+    print(table(fields, groups, base))
     if args.out:
         figure(fields, groups, args.out)
         print(f"wrote {args.out}")

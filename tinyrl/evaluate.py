@@ -21,6 +21,18 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar(base: list[bool], other: list[bool]) -> tuple[int, int, float]:
+    """Paired comparison of two models on the same problems: (problems only `other` solves, problems only `base`
+    solves, the exact two-sided McNemar p-value: a binomial test of the first count among the discordant pairs)."""
+    if len(base) != len(other):
+        raise ValueError("a paired test needs the same problems on both sides")
+    gained = sum(o and not b for b, o in zip(base, other))
+    lost = sum(b and not o for b, o in zip(base, other))
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n
+    return gained, lost, min(1.0, 2 * tail)
+
+
 def evaluate(
     model,
     tokenizer,

@@ -17,7 +17,10 @@
 # Re-running resumes a stopped run and skips finished ones (a finished run is continued when STEPS is
 # larger than the steps it ran). The committed runs ran in place (ROOT=examples/paper-recipe-smollm2-2x1
 # KEEP=1): an unfinished one keeps its latest checkpoint here, so it resumes from what is committed. Then:
-#   python -m tinyrl.compare runs/paper-recipe-2x1/*
+#   python -m tinyrl.compare runs/paper-recipe-2x1/* --base runs/paper-recipe-2x1/base_test.jsonl
+# where base_test.jsonl is the base model on the same test problems, written once by (committed here):
+#   python eval.py --task mult --digits 2x1 --model "$model" --max-new-tokens 128 --batch-size 64 \
+#     --cpu-kernels torch --out runs/paper-recipe-2x1/base_test.jsonl
 set -euo pipefail
 model=${MODEL:-.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 root=${ROOT:-runs/paper-recipe-2x1}
