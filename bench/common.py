@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SMOLLM2_GLOBS = [os.environ.get("TINYRL_TEST_MODEL") or "", ".cache/models/*.gguf", "/work/models/*/*.gguf"]
+SMOLLM2_GLOBS = [os.environ.get("TINYRL_TEST_MODEL") or "", ".cache/models/*SmolLM2*.gguf", "/work/models/*/*SmolLM2*.gguf"]
 
 
 def seconds(fn, repeats: int = 30, device=None) -> float:
@@ -69,7 +69,7 @@ def load_bench_model(path: str | None, device: str | None = None, random_shape: 
     path = None if random_shape else (path or find_smollm2())
     if path:
         model, tok = load_model(path, dtype=dtype, device=device)
-        return model, tok, f"SmolLM2-135M-Instruct ({os.path.basename(path)}, dequantized to {dtype})"
+        return model, tok, f"{os.path.basename(path)} (in {dtype})"
     model = random_qwen2(random_shape, device=str(pick_device(device))).to(getattr(torch, dtype))
     n = sum(p.numel() for p in model.parameters())
     return model, None, f"random Qwen2 {random_shape or ''} ({n / 1e6:.0f}M parameters, random weights, {dtype})"

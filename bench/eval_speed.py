@@ -11,16 +11,20 @@ split are decoded greedily with the same token limit and EOS ids by:
 - tinyrl generate_continuous (what eval.py and in-training validation run): a finished row's slot
   takes the next problem at once (--sorted: also with the problems sorted by prompt length).
 Prints wall seconds, generated tokens (up to and including the EOS), tokens/s and the speed-up over
-HF, and how many completions differ from HF's and from generate_batch's.
+HF, the decode steps each engine ran and their mean rows (a static batch keeps finished rows until its
+longest ends), and how many completions differ from HF's and from generate_batch's. --profile: where
+eval.py's time goes, by operator.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 from common import load_bench_model  # (also puts the repository on sys.path)
 
+from tinyrl import cpu
 from tinyrl.model import eos_ids, pad_id
 from tinyrl.sampling import generate_batch, generate_continuous
 from tinyrl.tasks import load_task
@@ -59,6 +63,25 @@ def tinyrl_continuous_sorted(model, prompts, max_new_tokens, eos, pad, batch_siz
     return [c for _, c in sorted(zip(order, outs))]
 
 
+@contextlib.contextmanager
+def counting_steps(model, counts: list[int]):
+    """Within the block, counts = [decode steps, rows summed over them] of every forward call on `model`."""
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[1] == 1:
+            counts[0] += 1
+            counts[1] += ids.shape[0]
+        return forward(*args, **kwargs)
+
+    model.forward = counted
+    try:
+        yield
+    finally:
+        del model.forward
+
+
 ENGINES = [("HF generate, static batches", hf_static), ("tinyrl generate_batch, static", tinyrl_static),
            ("tinyrl continuous (eval.py)", tinyrl_continuous)]
 
@@ -74,6 +97,7 @@ def main():
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--sorted", action="store_true", help="add a row: continuous, problems sorted by prompt length")
+    p.add_argument("--profile", action="store_true", help="then: eval.py's engine under torch.profiler, by operator")
     args = p.parse_args()
     engines = ENGINES + [("tinyrl continuous, sorted by length", tinyrl_continuous_sorted)] * args.sorted
     model, tok, desc = load_bench_model(args.model, "cpu", None, args.dtype)
@@ -91,18 +115,32 @@ def main():
         generate_continuous(model, prompts[: args.batch_size], 4, eos, args.batch_size, pad_id=pad)  # warm-up; CPU kernels measured
         print(f"\n{name}, {args.split} split: {len(prompts)} problems, prompts of {min(map(len, prompts))}-"
               f"{max(map(len, prompts))} tokens")
-        print(f"{'engine':<38}{'seconds':>9}{'tokens':>8}{'tokens/s':>10}{'vs HF':>8}{'differ: HF':>12}"
-              f"{'generate_batch':>16}")
+        print(f"{'engine':<38}{'seconds':>9}{'tokens':>8}{'tokens/s':>10}{'vs HF':>8}{'steps':>7}{'rows':>6}"
+              f"{'differ: HF':>12}{'generate_batch':>16}")
         results = []
         for label, engine in engines:
+            counts = [0, 0]
             start = time.perf_counter()
-            outs = engine(model, prompts, args.max_new_tokens, eos, pad, args.batch_size)
+            with counting_steps(model, counts):
+                outs = engine(model, prompts, args.max_new_tokens, eos, pad, args.batch_size)
             results.append((outs, time.perf_counter() - start))
             (hf, hf_seconds), static = results[0], results[min(1, len(results) - 1)][0]
             seconds, tokens = results[-1][1], sum(map(len, outs))
             differ = [sum(a != b for a, b in zip(outs, ref)) for ref in (hf, static)]
             print(f"{label:<38}{seconds:>9.1f}{tokens:>8}{tokens / seconds:>10.1f}{hf_seconds / seconds:>7.2f}x"
-                  f"{differ[0]:>12}{differ[1]:>16}")
+                  f"{counts[0]:>7}{counts[1] / max(1, counts[0]):>6.1f}{differ[0]:>12}{differ[1]:>16}")
+        print(f"cut at {args.max_new_tokens} tokens: {sum(len(c) == args.max_new_tokens for c in hf)} of {len(hf)} (HF); "
+              f"CPU kernels (each engine's probe shape): {cpu.describe(model)}")
+        if args.profile:
+            from torch.profiler import profile
+
+            with profile() as prof:
+                tinyrl_continuous(model, prompts, args.max_new_tokens, eos, pad, args.batch_size)
+            ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in ops)
+            print("share of eval.py's time (self CPU time per operator):")
+            for e in ops[:10]:
+                print(f"  {e.key:<52}{100 * e.self_cpu_time_total / total:>6.1f}%")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The CPU kernels (tinyrl/cpu.py): the same results as torch's kernels, scoped, and chosen only when measured faster."""
 import json
+import os
 
 import pytest
 import torch
@@ -120,7 +121,8 @@ def test_choose_keeps_torch_unless_another_is_measured_faster(tiny, auto_mode, s
 @needs_onednn
 def test_a_measured_choice_is_cached_per_machine_threads_and_shapes(tiny, auto_mode, monkeypatch):
     """A new process (here: a forgotten decision) reads the machine's cache instead of measuring; another
-    thread count or probe shape is measured anew; a damaged cache file is measured over and rewritten."""
+    thread count, probe shape or dispatch level is measured anew; a damaged cache file is measured over and
+    rewritten."""
     model, _ = tiny
     seconds = {Kernels(): 1.0, Kernels(True): 0.5}
     never = lambda: pytest.fail("a cached choice must not be measured again")  # noqa: E731
@@ -142,7 +144,15 @@ def test_a_measured_choice_is_cached_per_machine_threads_and_shapes(tiny, auto_m
         assert cpu.choose(model, "decode", fake_probe(model, slower), list(slower), "4 rows") == Kernels()
     finally:
         torch.set_num_threads(threads)
-    assert len(json.loads(open(cpu.kernel_cache_path()).read())) == 3
+    isa, capability = os.environ.get("ONEDNN_MAX_CPU_ISA"), torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "SSE41" if isa == "AVX2" else "AVX2")  # a lower dispatch: another machine
+    cpu._chosen.pop(model)
+    assert cpu.choose(model, "decode", fake_probe(model, slower), list(slower), "4 rows") == Kernels()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa) if isa else monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT" if capability == "AVX2" else "AVX2")
+    cpu._chosen.pop(model)
+    assert cpu.choose(model, "decode", fake_probe(model, slower), list(slower), "4 rows") == Kernels()
+    assert len(json.loads(open(cpu.kernel_cache_path()).read())) == 5
     open(cpu.kernel_cache_path(), "w").write("{torn")
     cpu._chosen.pop(model)
     assert cpu.choose(model, "decode", fake_probe(model, slower), list(slower), "4 rows") == Kernels()

@@ -122,13 +122,20 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def machine() -> list[str]:
+    """What a measurement on this machine depends on besides the model: the CPU, the instruction set torch and
+    oneDNN dispatch to (ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA can lower it), torch, the thread count."""
+    return [cpu_name(), f"dispatch {torch.backends.cpu.get_cpu_capability()}",
+            f"oneDNN ISA {os.environ.get('ONEDNN_MAX_CPU_ISA', 'max')}", f"torch {torch.__version__}",
+            f"{torch.get_num_threads()} threads"]
+
+
 def cache_key(model: nn.Module, phase: str, shape: str = "") -> str:
-    """What a measured choice depends on: the machine, torch, threads, the model's shapes, the probe's."""
+    """What a measured choice depends on: the machine, the model's shapes, the probe's."""
     c = model.config
     dims = [getattr(c, k, None) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                                           "num_attention_heads", "num_key_value_heads", "vocab_size")]
-    return "|".join(map(str, [cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
-                              f"oneDNN {onednn_usable()}", *dims, next(model.parameters()).dtype,
+    return "|".join(map(str, [*machine(), f"oneDNN {onednn_usable()}", *dims, next(model.parameters()).dtype,
                               c._attn_implementation, phase, shape]))
 
 
@@ -320,8 +327,7 @@ def linear_speed(config, rows: int = 64, timer: Callable[[torch.dtype], float] |
     h, i = config.hidden_size, config.intermediate_size
     shapes = [(h, h), (h, i), (i, h)]  # (in, out)
     flops = sum(2 * rows * a * b for a, b in shapes)
-    key = "|".join(map(str, [cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",
-                             "dtype speed", rows, *shapes]))
+    key = "|".join(map(str, [*machine(), "dtype speed", rows, *shapes]))
     if timer is None and cached and (hit := read_cache().get(key)):
         return hit
 
