@@ -42,12 +42,7 @@ class Run:
         self.steps = [m for m in self.lines if "reward_mean" in m]
         self.step_seconds = [sum(v for k, v in m.items() if k.startswith("sec_") and k != "sec_eval")
                              for m in self.steps]  # a validation logged on a step's line is not the step's time
-        self.final, self.results = None, None
-        try:
-            with open(os.path.join(path, "test_results.jsonl")) as f:
-                self.results = read_results(f, f"{path}/test_results.jsonl")
-        except FileNotFoundError:
-            pass
+        self.final = None
         try:
             with open(os.path.join(path, "final_eval.json")) as f:
                 final = json.load(f)
@@ -73,13 +68,14 @@ class Run:
         return total, exact
 
 
-def read_results(lines, name: str) -> dict[str, bool]:
+def read_results(path: str) -> dict[str, bool]:
     """{problem id: correct} from per-problem records (eval.py --out, a run's test_results.jsonl)."""
     try:
-        records = [json.loads(line) for line in lines if line.strip()]
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
         return {str(r["id"]): bool(r["correct"]) for r in records}
     except (ValueError, KeyError, TypeError):
-        raise UserError(f"{name}: expected one JSON record with 'id' and 'correct' per line "
+        raise UserError(f"{path}: expected one JSON record with 'id' and 'correct' per line "
                         f"(eval.py --out writes them)") from None
 
 
@@ -90,13 +86,15 @@ def ci(correct: int, n: int) -> str:
 
 def paired(run: Run, base: dict[str, bool]) -> str:
     """'+gained/-lost, p=...' of the run's best adapter against the base model on the same test problems."""
-    if run.results is None:
+    try:
+        results = read_results(os.path.join(run.path, "test_results.jsonl"))
+    except FileNotFoundError:  # still running, or stopped before its test
         return "-"
-    if set(run.results) != set(base):
+    if set(results) != set(base):
         raise UserError(f"{run.path}/test_results.jsonl and --base hold different problems; evaluate the base "
                         f"on the run's test split (same --task, --digits and --n)")
     ids = sorted(base)
-    gained, lost, p = mcnemar([base[i] for i in ids], [run.results[i] for i in ids])
+    gained, lost, p = mcnemar([base[i] for i in ids], [results[i] for i in ids])
     return f"+{gained}/-{lost}, p={p:.2g}"
 
 
@@ -241,8 +239,7 @@ def main(argv=None) -> int:
     base = None
     if args.base:
         try:
-            with open(args.base) as f:
-                base = read_results(f, args.base)
+            base = read_results(args.base)
         except OSError as e:
             raise UserError(f"--base {args.base}: {e.strerror}") from None
     print(table(fields, groups, base))
