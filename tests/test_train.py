@@ -70,12 +70,13 @@ def test_eval_loads_the_trained_adapter_and_plot_draws_it(tiny_dir, tmp_path):
 
 
 def test_lam_mode_is_saved_honoured_on_resume_and_logged(tiny_dir, tmp_path, capsys):
-    """--lam-mode decoupled: AdamW decays the LoRA weights, no L2 gradient; the mode defines the run, so a resume
-    keeps it, refuses another, and a run from before the flag existed resumes as it ran (lam in the loss)."""
+    """--lam-mode decoupled (the default): AdamW decays the LoRA weights, no L2 gradient; the mode defines the run,
+    so a resume keeps it, refuses another, and a run from before the flag existed resumes as it ran (lam in the
+    loss); --lam-mode loss logs the L2 gradient."""
     run = tmp_path / "run"
     flags = ["--algo", "tspmo", "--model", tiny_dir, "--out", str(run), "--task", "mult", *FAST]
-    assert train.main([*flags, "--lam-mode", "decoupled"]) == 0
-    assert json.loads((run / "config.json").read_text())["lam_mode"] == "decoupled"
+    assert train.main(flags) == 0
+    assert json.loads((run / "config.json").read_text())["lam_mode"] == "decoupled"  # the default
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
     assert all(m["grad_norm_l2"] == 0.0 and m["lora_a_abs"] > 0 and m["delta_w_norm"] >= 0 for m in lines)
     assert train.main(["--resume", str(run), "--steps", "3"]) == 0
@@ -91,6 +92,6 @@ def test_lam_mode_is_saved_honoured_on_resume_and_logged(tiny_dir, tmp_path, cap
     assert train.parse_config(["--resume", str(run)])[0].lam_mode == "loss"
 
     loss_run = tmp_path / "loss"
-    assert train.main([*flags[:5], str(loss_run), *flags[6:]]) == 0
+    assert train.main([*flags[:5], str(loss_run), *flags[6:], "--lam-mode", "loss"]) == 0
     lines = [json.loads(x) for x in (loss_run / "metrics.jsonl").read_text().splitlines()][1:]
     assert all(m["grad_norm_l2"] > 0 for m in lines)  # lam = 0.01 in the loss: 2·lam·||W||

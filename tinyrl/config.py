@@ -51,8 +51,9 @@ class Config:
     p: float = F(None, "S-GRPO: later tokens count with probability P (paper silent: 0.1; docs/design.md)")
     beta: float = F(None, "KL coefficient, GRPO/S-GRPO (paper: 0.01)")
     lam: float = F(None, "T-SPMO L2 coefficient on the LoRA weights (paper: 0.01)")
-    lam_mode: str = F("loss", "how lam acts: loss (lam·Σ||W||² in the loss, Eq. 10 as written) | decoupled "
-                              "(AdamW weight decay lam on the LoRA weights); docs/design.md")
+    lam_mode: str = F("decoupled", "how lam acts (paper silent): decoupled (AdamW weight decay lam on the LoRA "
+                                   "weights; the reading that learned at the paper's lr, docs/design.md) | loss "
+                                   "(lam·Σ||W||² in the loss, Eq. 10 as written)")
     clip_eps: float | None = F(None, "PPO epsilon-clip of the ratio; off by default (one update per group)")
     log_prob: bool = F(False, "T-SPMO: use log pi instead of pi in Eq. (10) (not the paper)")
     # replay (T-SPMO)
