@@ -126,11 +126,12 @@ def test_no_torch_load_without_weights_only():
 
 
 def test_nan_updates_are_skipped_counted_and_stop_the_run(toy_task, tmp_path, capsys):
-    """lr 1e30 makes the first update blow the LoRA weights up; every later loss is non-finite."""
+    """lr 1e30 makes the first update blow the LoRA weights up (λ in the loss: every step has a gradient, even
+    one whose completions all score alike); every later loss is non-finite."""
     run = tmp_path / "run"
     code = train.main(["--algo", "tspmo", "--model", toy_task, "--out", str(run), "--steps", "20", "--group-size", "4",
                        "--max-new-tokens", "2", "--eval-every", "0", "--test-n", "0", "--lr", "1e30",
-                       "--max-bad-steps", "3"])
+                       "--max-bad-steps", "3", "--lam-mode", "loss"])
     assert code == 3 and "3 updates in a row had a NaN/inf" in capsys.readouterr().err
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["skipped"] for m in lines] == [False, True, True, True]

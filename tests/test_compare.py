@@ -91,7 +91,7 @@ def test_on_real_tiny_runs_with_figure_and_without_matplotlib(tiny_dir, tmp_path
         for seed in (0, 1):
             out = tmp_path / f"{algo}-s{seed}"
             assert train.main(["--algo", algo, "--model", tiny_dir, "--out", str(out), "--task", "mult",
-                               "--seed", str(seed), *FAST]) == 0
+                               "--seed", str(seed), "--lam-mode", "loss", *FAST]) == 0  # an L2 row to check
             runs.append(str(out))
     png = tmp_path / "compare.png"
     r = subprocess.run([sys.executable, "-m", "tinyrl.compare", *runs, "--out", str(png)], cwd=ROOT,
