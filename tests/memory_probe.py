@@ -41,26 +41,26 @@ def main():
     prompt = list(range(10, 74))  # 64 tokens, the planner's typical prompt
     g = torch.Generator().manual_seed(0)
     completions = [torch.randint(3, cfg.vocab_size, (T,), generator=g).tolist() for _ in range(G)]
+    def run(m, prompt, completions):  # the phase, as measured
+        if phase == "sampling":
+            sample(m, prompt, len(completions), len(completions[0]), 0.3, eos_ids=[], generator=g)
+        else:
+            grpo_backward(m, prompt, completions, group_advantages(torch.rand(len(completions))),
+                          [list(range(len(c))) for c in completions], 0.01 if algo != "tspmo" else 0.0, 0,
+                          max_batch_tokens=budget)
+
     # warm up a tiny model of the same kind first: the kernels' code pages and one-time buffers (which differ
     # between CPUs) then sit in the baseline, so the delta counts tensors only, as the planner does
     small = type(model)(type(cfg)(**{**common, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
                                      "num_attention_heads": 4, "num_key_value_heads": 2})).eval()
     small.requires_grad_(False)
     inject_lora(small, rank=8, fraction=0.25)
-    if phase == "sampling":
-        sample(small, prompt[:4], 2, 2, 0.3, eos_ids=[], generator=g)
-    else:
-        grpo_backward(small, prompt[:4], [[5, 6], [7, 8]], torch.ones(2), [[0, 1]] * 2, 0.01, 0)
+    run(small, prompt[:4], [[5, 6], [7, 8]])
     del small
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     base = rss_mb("VmRSS")
-    if phase == "sampling":
-        sample(model, prompt, G, T, 0.3, eos_ids=[], generator=g)
-    else:
-        positions = [list(range(T))] * G
-        grpo_backward(model, prompt, completions, group_advantages(torch.rand(G)), positions,
-                      0.01 if algo != "tspmo" else 0.0, 0, max_batch_tokens=budget)
+    run(model, prompt, completions)
     print(json.dumps({"delta_mb": rss_mb("VmHWM") - base, "params": sum(p.numel() for p in model.parameters())}))
 
 
