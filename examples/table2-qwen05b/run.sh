@@ -15,7 +15,7 @@
 # Re-running resumes a stopped run and skips finished ones. Then:
 #   python -m tinyrl.compare runs/table2-qwen05b-$DIGITS/* --out compare.png
 set -euo pipefail
-: "${DIGITS:?set DIGITS to the digits chosen by the base model's accuracy (3x2 or 2x2)}"
+: "${DIGITS:?set DIGITS to the digits chosen by the base accuracy (3x2 or 2x2)}"
 model=${MODEL:-.cache/models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf}
 root=${ROOT:-runs/table2-qwen05b-$DIGITS}
 for algo in ${RUNS:-grpo sgrpo tspmo}; do
