@@ -51,6 +51,9 @@ class Config:
     p: float = F(None, "S-GRPO: later tokens count with probability P (paper silent: 0.1; docs/design.md)")
     beta: float = F(None, "KL coefficient, GRPO/S-GRPO (paper: 0.01)")
     lam: float = F(None, "T-SPMO L2 coefficient on the LoRA weights (paper: 0.01)")
+    # DEVIATION: Eq. (10) writes lam·Σ||W||² into the loss; the paper also names AdamW with lam = 0.01. Under Adam the
+    # L2 term erases LoRA's A at lr 1e-4 before the objective moves it (measured, docs/design.md), so the default
+    # reads lam as AdamW's decoupled weight decay; --lam-mode loss keeps Eq. (10) as written.
     lam_mode: str = F("decoupled", "how lam acts (paper silent): decoupled (AdamW weight decay lam on the LoRA "
                                    "weights; the reading that learned at the paper's lr, docs/design.md) | loss "
                                    "(lam·Σ||W||² in the loss, Eq. 10 as written)")
