@@ -11,9 +11,9 @@ split are decoded greedily with the same token limit and EOS ids by:
 - tinyrl generate_continuous (what eval.py and in-training validation run): a finished row's slot
   takes the next problem at once (--sorted: also with the problems sorted by prompt length).
 Prints wall seconds, generated tokens (up to and including the EOS), tokens/s and the speed-up over
-HF, the decode steps each engine ran and their mean rows (a static batch keeps finished rows until its
-longest ends), and how many completions differ from HF's and from generate_batch's. --profile: where
-eval.py's time goes, by operator.
+HF, the decode steps each engine ran, their mean rows (a static batch keeps finished rows until its
+longest ends) and seconds, the prefill passes and their seconds, and how many completions differ from HF's
+and from generate_batch's. --profile: where eval.py's time goes, by operator.
 """
 from __future__ import annotations
 
@@ -64,16 +64,21 @@ def tinyrl_continuous_sorted(model, prompts, max_new_tokens, eos, pad, batch_siz
 
 
 @contextlib.contextmanager
-def counting_steps(model, counts: list[int]):
-    """Within the block, counts = [decode steps, rows summed over them] of every forward call on `model`."""
+def counting_steps(model, counts: list[float]):
+    """Within the block, counts = [decode steps, rows summed over them, their seconds, prefill passes, their
+    seconds] of the forward calls on `model` (a prefill: a call of more than one token per row)."""
     forward = model.forward
 
     def counted(*args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is not None and ids.shape[1] == 1:
-            counts[0] += 1
-            counts[1] += ids.shape[0]
-        return forward(*args, **kwargs)
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        if ids is not None:
+            decode = ids.shape[1] == 1
+            counts[0 if decode else 3] += 1
+            counts[2 if decode else 4] += time.perf_counter() - start
+            counts[1] += ids.shape[0] if decode else 0
+        return out
 
     model.forward = counted
     try:
@@ -116,10 +121,10 @@ def main():
         print(f"\n{name}, {args.split} split: {len(prompts)} problems, prompts of {min(map(len, prompts))}-"
               f"{max(map(len, prompts))} tokens")
         print(f"{'engine':<38}{'seconds':>9}{'tokens':>8}{'tokens/s':>10}{'vs HF':>8}{'steps':>7}{'rows':>6}"
-              f"{'differ: HF':>12}{'generate_batch':>16}")
+              f"{'decode s':>10}{'prefills':>10}{'prefill s':>11}{'differ: HF':>12}{'generate_batch':>16}")
         results = []
         for label, engine in engines:
-            counts = [0, 0]
+            counts = [0, 0, 0.0, 0, 0.0]
             start = time.perf_counter()
             with counting_steps(model, counts):
                 outs = engine(model, prompts, args.max_new_tokens, eos, pad, args.batch_size)
@@ -128,7 +133,8 @@ def main():
             seconds, tokens = results[-1][1], sum(map(len, outs))
             differ = [sum(a != b for a, b in zip(outs, ref)) for ref in (hf, static)]
             print(f"{label:<38}{seconds:>9.1f}{tokens:>8}{tokens / seconds:>10.1f}{hf_seconds / seconds:>7.2f}x"
-                  f"{counts[0]:>7}{counts[1] / max(1, counts[0]):>6.1f}{differ[0]:>12}{differ[1]:>16}")
+                  f"{counts[0]:>7}{counts[1] / max(1, counts[0]):>6.1f}{counts[2]:>10.1f}{counts[3]:>10}{counts[4]:>11.1f}"
+                  f"{differ[0]:>12}{differ[1]:>16}")
         print(f"cut at {args.max_new_tokens} tokens: {sum(len(c) == args.max_new_tokens for c in hf)} of {len(hf)} (HF); "
               f"CPU kernels (each engine's probe shape): {cpu.describe(model)}")
         if args.profile:
