@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 from common import load_bench_model  # (also puts the repository on sys.path)
@@ -63,21 +64,33 @@ def tinyrl_continuous_sorted(model, prompts, max_new_tokens, eos, pad, batch_siz
     return [c for _, c in sorted(zip(order, outs))]
 
 
+@dataclass
+class Forwards:
+    """The forward calls an engine made: decode steps (one token per row), their rows and seconds; prefills."""
+    steps: int = 0
+    rows: int = 0
+    decode_s: float = 0.0
+    prefills: int = 0
+    prefill_s: float = 0.0
+
+
 @contextlib.contextmanager
-def counting_steps(model, counts: list[float]):
-    """Within the block, counts = [decode steps, rows summed over them, their seconds, prefill passes, their
-    seconds] of the forward calls on `model` (a prefill: a call of more than one token per row)."""
+def counting_steps(model, counts: Forwards):
+    """Within the block, every forward call on `model` is counted into `counts`."""
     forward = model.forward
 
     def counted(*args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         start = time.perf_counter()
         out = forward(*args, **kwargs)
-        if ids is not None:
-            decode = ids.shape[1] == 1
-            counts[0 if decode else 3] += 1
-            counts[2 if decode else 4] += time.perf_counter() - start
-            counts[1] += ids.shape[0] if decode else 0
+        seconds = time.perf_counter() - start
+        if ids is not None and ids.shape[1] == 1:
+            counts.steps += 1
+            counts.rows += ids.shape[0]
+            counts.decode_s += seconds
+        elif ids is not None:
+            counts.prefills += 1
+            counts.prefill_s += seconds
         return out
 
     model.forward = counted
@@ -124,7 +137,7 @@ def main():
               f"{'decode s':>10}{'prefills':>10}{'prefill s':>11}{'differ: HF':>12}{'generate_batch':>16}")
         results = []
         for label, engine in engines:
-            counts = [0, 0, 0.0, 0, 0.0]
+            counts = Forwards()
             start = time.perf_counter()
             with counting_steps(model, counts):
                 outs = engine(model, prompts, args.max_new_tokens, eos, pad, args.batch_size)
@@ -133,7 +146,8 @@ def main():
             seconds, tokens = results[-1][1], sum(map(len, outs))
             differ = [sum(a != b for a, b in zip(outs, ref)) for ref in (hf, static)]
             print(f"{label:<38}{seconds:>9.1f}{tokens:>8}{tokens / seconds:>10.1f}{hf_seconds / seconds:>7.2f}x"
-                  f"{counts[0]:>7}{counts[1] / max(1, counts[0]):>6.1f}{counts[2]:>10.1f}{counts[3]:>10}{counts[4]:>11.1f}"
+                  f"{counts.steps:>7}{counts.rows / max(1, counts.steps):>6.1f}{counts.decode_s:>10.1f}"
+                  f"{counts.prefills:>10}{counts.prefill_s:>11.1f}"
                   f"{differ[0]:>12}{differ[1]:>16}")
         print(f"cut at {args.max_new_tokens} tokens: {sum(len(c) == args.max_new_tokens for c in hf)} of {len(hf)} (HF); "
               f"CPU kernels (each engine's probe shape): {cpu.describe(model)}")
