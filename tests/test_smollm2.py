@@ -20,6 +20,22 @@ def smol():
     return load_model(MODEL, device="cpu")
 
 
+def test_gguf_parsed_once_loads_what_transformers_loads(smol):
+    """load_model hands transformers one parse of the .gguf for tokenizer, config and weights
+    (model.gguf_read_once); the result must equal transformers' own three-parse load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = os.path.split(os.path.abspath(MODEL))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    weights = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file).state_dict()
+    model, ours = smol
+    mine = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert mine.keys() == weights.keys() and all(torch.equal(mine[k], weights[k]) for k in weights)
+    text = "<|im_start|>user\nWhat's 12 times 7?<|im_end|>"
+    assert ours.get_vocab() == tokenizer.get_vocab() and ours(text).input_ids == tokenizer(text).input_ids
+    assert ours.chat_template == tokenizer.chat_template
+
+
 def test_greedy_sample_equals_hf_generate_on_a_mult_prompt(smol):
     from tinyrl.lora import inject_lora
     from tinyrl.model import eos_ids

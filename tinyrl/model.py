@@ -5,6 +5,7 @@ The base weights are frozen (only LoRA trains); float32 by default, as in the pa
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -45,6 +46,28 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def gguf_read_once():
+    """Within this block, `gguf.GGUFReader` parses each file once. transformers reads a .gguf's header three
+    times for one model (tokenizer, config, weights), and on Qwen2's 151,936-token vocabulary each read takes
+    about as long as de-quantizing every weight; the reader only maps the file, so one can serve all three."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (os.path.abspath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def load_model(name: str, dtype: str = "float32", device: str | None = None):
     """Return (model, tokenizer) with every base weight frozen and the model in eval mode.
 
@@ -79,14 +102,15 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
     if not os.path.exists(path) and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
         kwargs["local_files_only"], offline = True, " (the hub is unreachable from here, so only the local cache was tried)"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        if dtype in ("auto", "bfloat16"):
-            from tinyrl.cpu import pick_dtype
+        with gguf_read_once() if "gguf_file" in kwargs else contextlib.nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+            if dtype in ("auto", "bfloat16"):
+                from tinyrl.cpu import pick_dtype
 
-            dtype, note = pick_dtype(AutoConfig.from_pretrained(path, **kwargs), dtype, dev)
-            if note:
-                print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs, **model_kwargs)
+                dtype, note = pick_dtype(AutoConfig.from_pretrained(path, **kwargs), dtype, dev)
+                if note:
+                    print(note, file=sys.stderr if note.startswith("warning") else sys.stdout, flush=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs, **model_kwargs)
     except OSError as e:  # hub unreachable, unknown repo, or a folder without model files
         where = "folder" if os.path.isdir(path) else "hub id"
         first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
