@@ -50,8 +50,25 @@ def test_eos_ids_and_chat_template(qwen):
     assert tokenizer.decode(problem.prompt_ids) == problem.prompt  # the template's specials are single tokens
 
 
+def remove_lora(model, names):
+    """The base model again, for the next test."""
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, model.get_submodule(name).base_layer)
+
+
 @pytest.mark.parametrize("fraction, layers", [(1 / 4, 6), (1 / 3, 8)])
-def test_greedy_sampler_equals_hf_generate_and_adapter_loads_in_peft(qwen, qwen_dir, fraction, layers, tmp_path):
+def test_lora_on_q_and_v_of_the_papers_last_layers(qwen, fraction, layers):
+    from tinyrl.lora import inject_lora
+
+    names = inject_lora(qwen[0], rank=8, fraction=fraction)
+    remove_lora(qwen[0], names)
+    assert sorted({int(n.split(".")[2]) for n in names}) == list(range(24 - layers, 24))
+    assert sorted({n.rpartition(".")[2] for n in names}) == ["q_proj", "v_proj"] and len(names) == 2 * layers
+
+
+def test_greedy_sampler_equals_hf_generate_and_adapter_loads_in_peft(qwen, qwen_dir, tmp_path):
+    """On the multiplication preset's adapter (last 1/4 of the layers), with non-zero B."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
@@ -61,9 +78,8 @@ def test_greedy_sampler_equals_hf_generate_and_adapter_loads_in_peft(qwen, qwen_
     from tinyrl.tasks import mult_task
 
     model, tokenizer = qwen
-    names = inject_lora(model, rank=8, fraction=fraction)
+    names = inject_lora(model, rank=8, fraction=1 / 4)
     try:
-        assert sorted({int(n.split(".")[2]) for n in names}) == list(range(24 - layers, 24))
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for m in lora_modules(model).values():
@@ -79,10 +95,8 @@ def test_greedy_sampler_equals_hf_generate_and_adapter_loads_in_peft(qwen, qwen_
         ours = logits(model, ids)
         ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(qwen_dir), str(tmp_path / "a"))
         assert torch.allclose(logits(ref, ids), ours, atol=1e-3, rtol=1e-4)
-    finally:  # the base model again, for the next case
-        for name in names:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, model.get_submodule(name).base_layer)
+    finally:
+        remove_lora(model, names)
 
 
 @pytest.mark.parametrize("algo", ["grpo", "sgrpo", "tspmo"])
