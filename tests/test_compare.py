@@ -11,8 +11,9 @@ from tinyrl.compare import main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def fake_run(root, name, algo, seed, val, test=None, sec=1.0, tokens=None, **cfg):
-    """A run directory written by hand: val = {step: accuracy}; two steps of `sec` seconds each."""
+def fake_run(root, name, algo, seed, val, test=None, sec=1.0, tokens=None, rewards=(0.5, 0.5), **cfg):
+    """A run directory written by hand: val = {step: accuracy}; two steps of `sec` seconds each, with mean
+    rewards `rewards`."""
     run = root / name
     run.mkdir()
     config = {"algo": algo, "task": "mult", "seed": seed, "out": str(run), "group_size": 4, "batch_size": 1,
@@ -20,7 +21,7 @@ def fake_run(root, name, algo, seed, val, test=None, sec=1.0, tokens=None, **cfg
     (run / "config.json").write_text(json.dumps(config))
     lines = [{"step": 0, "val_accuracy": val.pop(0), "sec_eval": 60.0}]
     for step in (1, 2):
-        line = {"step": step, "reward_mean": 0.5, "completion_len": 1000.0, "sec_sample": sec / 2,
+        line = {"step": step, "reward_mean": rewards[step - 1], "completion_len": 1000.0, "sec_sample": sec / 2,
                 "sec_loss": sec / 2, "peak_mem_mb": 1024.0 * step}
         if tokens is not None:
             line["sampled_tokens"] = tokens
@@ -41,7 +42,7 @@ def rows(text):
 
 def test_table_groups_by_algorithm_and_gives_mean_and_sd(tmp_path, capsys):
     runs = [fake_run(tmp_path, "t0", "tspmo", 0, {0: 0.1, 2: 0.30}, test=0.25, sec=4.0, group_size=50),
-            fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1, 2: 0.10}, test=0.10, tokens=5000),
+            fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1, 2: 0.10}, test=0.10, tokens=5000, rewards=(0.0, 0.25)),
             fake_run(tmp_path, "g1", "grpo", 1, {0: 0.1, 2: 0.30}, test=0.20, tokens=7000),
             fake_run(tmp_path, "t1", "tspmo", 1, {0: 0.1, 2: 0.50}, sec=4.0, group_size=50),  # stopped before its test evaluation
             ]
@@ -60,6 +61,9 @@ def test_table_groups_by_algorithm_and_gives_mean_and_sd(tmp_path, capsys):
     # (2 steps x 1000 tokens x |G| = 50), a lower bound since its replay continuations are missing
     assert table["sampled tokens, thousands"] == ["12.0 ± 2.8", ">= 100.0 ± 0.0"]
     assert table["peak memory GiB"] == ["2.00 ± 0.00", "2.00 ± 0.00"]
+    # g0's steps: mean rewards 0 (all wrong) and 0.25 -> 12.5% reward, half its steps alike; g1: 50%, none
+    assert table["training reward, mean over steps %"] == ["31.2 ± 26.5", "50.0 ± 0.0"]
+    assert table["steps where every sample scored alike %"] == ["25.0 ± 35.4", "0.0 ± 0.0"]
 
 
 def test_every_differing_setting_splits_groups(tmp_path, capsys):

@@ -163,6 +163,14 @@ def table(fields: list[str], groups: dict[tuple, list[Run]], base: dict[str, boo
         rows.append(("vs base, same problems (McNemar)", [" / ".join(paired(r, base) for r in runs) for runs in cols]))
     rows.append(("best step", [" / ".join(str(r.final.get("best_step")) if r.final else "-" for r in runs)
                                for runs in cols]))
+    rows.append(("training reward, mean over steps %",
+                 [mean_sd([statistics.mean(m["reward_mean"] for m in r.steps) for r in runs if r.steps], 100)
+                  for runs in cols]))
+    # the paper's reward is 0 or 1, so a step's mean of 0 or 1 means every sample scored alike: no reward
+    # signal (a --reward of your own may score otherwise, so its runs get no figure)
+    rows.append(("steps where every sample scored alike %",
+                 [mean_sd([statistics.mean(m["reward_mean"] in (0.0, 1.0) for m in r.steps) for r in runs
+                           if r.steps and r.cfg.get("reward") is None], 100) for runs in cols]))
     if any("delta_w_norm" in m for runs in cols for r in runs for m in r.steps):  # logs from before lack them
         rows += adapter_rows(cols, eval_steps)
     rows.append(("seconds per step", [mean_sd([statistics.mean(r.step_seconds) for r in runs if r.steps])
