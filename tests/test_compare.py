@@ -148,3 +148,24 @@ def test_paired_test_against_the_base_model(tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "tinyrl.compare", run, "--base", str(base)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "different problems" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_each_method_is_paired_with_earlier_ones_seed_by_seed(tmp_path, capsys):
+    def results(name, right, ids=None):
+        ids = ids or [f"p{i}" for i in range(len(right))]
+        (tmp_path / name / "test_results.jsonl").write_text(
+            "".join(json.dumps({"id": i, "correct": c}) + "\n" for i, c in zip(ids, right)))
+
+    runs = [fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1}, test=0.2),
+            fake_run(tmp_path, "t0", "tspmo", 0, {0: 0.1}, test=0.5),
+            fake_run(tmp_path, "t1", "tspmo", 1, {0: 0.1}, test=0.5),  # no GRPO seed 1 to pair with
+            fake_run(tmp_path, "s0", "sgrpo", 0, {0: 0.1}, test=0.1)]
+    results("g0", [False] * 4 + [True] * 2 + [False] * 4)
+    results("t0", [True] * 5 + [False] * 5)  # against g0: gained 0-3 (4), lost 5 (1): +4/-1
+    results("t1", [True] * 5 + [False] * 5)
+    results("s0", [True] + [False] * 9, ids=[f"q{i}" for i in range(10)])  # another split
+    assert main(runs) == 0
+    table, header = rows(capsys.readouterr().out)
+    assert header == ["GRPO", "S-GRPO", "T-SPMO"]
+    assert table["vs GRPO, same seed and problems (McNemar)"] == ["", "other problems", "+4/-1, p=0.38 / -"]
+    assert table["vs S-GRPO, same seed and problems (McNemar)"] == ["", "", "other problems / -"]

@@ -12,7 +12,9 @@ tokens, peak memory. `--out` also draws validation accuracy against step, one li
 the spread over seeds (min to max) as a band and the base model's accuracy as a dashed line.
 `--base FILE.jsonl` (the base model on the same test problems: `eval.py ... --out FILE.jsonl`) adds the base's
 test accuracy and, for each run, a paired test against it on the same problems (problems gained and lost,
-exact McNemar p), read from the run's test_results.jsonl. Every test accuracy has its 95% Wilson interval.
+exact McNemar p), read from the run's test_results.jsonl. With several groups, each run is also paired
+with the same seed's run of every earlier column on the same problems. Every test accuracy has its 95%
+Wilson interval.
 matplotlib is optional: without it the table still prints, and asking for a figure exits 2.
 """
 from __future__ import annotations
@@ -51,6 +53,10 @@ class Run:
             pass  # still running, or stopped
         except ValueError:
             raise UserError(f"{path}/final_eval.json is not valid JSON") from None
+        try:
+            self.results = read_results(os.path.join(path, "test_results.jsonl"))  # {problem id: correct}
+        except FileNotFoundError:
+            self.results = None  # still running, or stopped before its test
 
     def eval_seconds(self) -> float:
         return sum(m.get("sec_eval", 0.0) for m in self.lines) + (self.final or {}).get("seconds", 0.0)
@@ -84,17 +90,19 @@ def ci(correct: int, n: int) -> str:
     return f"{100 * correct / max(1, n):.1f} [{100 * lo:.1f}-{100 * hi:.1f}]"
 
 
-def paired(run: Run, base: dict[str, bool]) -> str:
-    """'+gained/-lost, p=...' of the run's best adapter against the base model on the same test problems."""
-    try:
-        results = read_results(os.path.join(run.path, "test_results.jsonl"))
-    except FileNotFoundError:  # still running, or stopped before its test
+def paired(run: Run, ref: dict[str, bool] | None, ref_name: str = "") -> str:
+    """'+gained/-lost, p=...' of the run's best adapter against `ref` ({problem id: correct}: the base model,
+    or another run) on the same test problems; '-' while either has no results. Different problems are an
+    error against the base (ref_name says which file) and a cell that says so against another run."""
+    if run.results is None or ref is None:
         return "-"
-    if set(results) != set(base):
-        raise UserError(f"{run.path}/test_results.jsonl and --base hold different problems; evaluate the base "
+    if set(run.results) != set(ref):
+        if not ref_name:
+            return "other problems"
+        raise UserError(f"{run.path}/test_results.jsonl and {ref_name} hold different problems; evaluate the base "
                         f"on the run's test split (same --task, --digits and --n)")
-    ids = sorted(base)
-    gained, lost, p = mcnemar([base[i] for i in ids], [results[i] for i in ids])
+    ids = sorted(ref)
+    gained, lost, p = mcnemar([ref[i] for i in ids], [run.results[i] for i in ids])
     return f"+{gained}/-{lost}, p={p:.2g}"
 
 
@@ -160,7 +168,14 @@ def table(fields: list[str], groups: dict[tuple, list[Run]], base: dict[str, boo
                                                         else "-" for r in runs) for runs in cols]))
     if base is not None:
         rows.append(("base model, test % [95% CI]", [ci(sum(base.values()), len(base))] * len(cols)))
-        rows.append(("vs base, same problems (McNemar)", [" / ".join(paired(r, base) for r in runs) for runs in cols]))
+        rows.append(("vs base, same problems (McNemar)",
+                     [" / ".join(paired(r, base, "--base") for r in runs) for runs in cols]))
+    names = [label(fields, values) for values in groups]
+    for i, ref_runs in enumerate(cols[:-1]):  # each method against each earlier column, seed by seed
+        refs = {r.cfg.get("seed"): r.results for r in ref_runs}
+        rows.append((f"vs {names[i]}, same seed and problems (McNemar)",
+                     ["" if j <= i else " / ".join(paired(r, refs.get(r.cfg.get("seed"))) for r in runs)
+                      for j, runs in enumerate(cols)]))
     rows.append(("best step", [" / ".join(str(r.final.get("best_step")) if r.final else "-" for r in runs)
                                for runs in cols]))
     rows.append(("training reward, mean over steps %",
@@ -182,7 +197,7 @@ def table(fields: list[str], groups: dict[tuple, list[Run]], base: dict[str, boo
                                                + mean_sd([n / 1000 for n, _ in t]) for t in tokens]))
     rows.append(("peak memory GiB", [mean_sd([max(m.get("peak_mem_mb", 0) for m in r.steps) / 1024
                                               for r in runs if r.steps], digits=2) for runs in cols]))
-    header = ["", *(label(fields, values) for values in groups)]
+    header = ["", *names]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([name, *cells]) + " |" for name, cells in rows]
     return "\n".join(lines)
