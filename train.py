@@ -218,10 +218,10 @@ class Trainer:
         loss += norms.pop("l2_loss")
         return finite_step(self.optimizer, self.params, loss), {"loss": loss, **norms}
 
-    def replay_updates(self) -> tuple[list[float], int, int, bool]:
+    def replay_updates(self) -> tuple[bool, dict]:
         """T-SPMO replay (paper §III-C): extra updates on fresh continuations below a kept prefix of a past
-        completion. Returns (their rewards, how many updates, tokens sampled, whether all were finite)."""
-        scores, updates, tokens, ok = [], 0, 0, True
+        completion. Returns whether all were finite, and their log fields (rewards, gradient norms, pairs)."""
+        scores, norms, pairs, tokens, ok = [], [], 0, 0, True
         for episode, m in dist.broadcast(self.replay.draw(self.cfg.replay_success, self.cfg.replay_failure)):
             kept = episode.completion_ids[:m]
             prefix = episode.prompt_ids + kept
@@ -230,11 +230,13 @@ class Trainer:
             rewards = replay_rewards(self.tokenizer, kept, continuations, episode.answer, self.task.reward,
                                      episode.problem)
             stats = self.tspmo_update(prefix, continuations, rewards, (self.rank, self.world), 1.0)
-            ok = self.optimizer_step(dist.total(stats["loss"]))[0] and ok
-            scores += rewards
-            updates += 1
+            step_ok, step_norms = self.optimizer_step(dist.total(stats["loss"]))
+            ok, scores, norms = ok and step_ok, scores + rewards, norms + [step_norms["grad_norm"]]
+            pairs += dist.total(stats["nonzero_pairs"])
             tokens += sum(map(len, continuations))
-        return scores, updates, tokens, ok
+        return ok, {"replay_updates": len(norms), "replay_reward_mean": sum(scores) / len(scores) if scores else None,
+                    "replay_grad_norm": sum(norms) / len(norms) if norms else None,  # objective's, as grad_norm
+                    "replay_nonzero_pairs": pairs, "replay_tokens": tokens}
 
     def step(self, step: int) -> tuple[dict, list[dict]]:
         """One optimizer step (plus T-SPMO's replay updates): returns its metrics line and two samples per prompt."""
@@ -276,10 +278,10 @@ class Trainer:
         t4 = clock(device)
         ok, norms = self.optimizer_step(totals["loss"])  # a non-finite update is dropped
         sec["optim"] = clock(device) - t4
-        replay_scores, replay_updates, replay_tokens = [], 0, 0
+        replay = {"replay_tokens": 0}
         if cfg.algo == "tspmo" and ok:
             t5 = clock(device)
-            replay_scores, replay_updates, replay_tokens, ok = self.replay_updates()
+            ok, replay = self.replay_updates()
             sec["replay"] = clock(device) - t5
 
         self.state["bad_steps"] = 0 if ok else self.state["bad_steps"] + 1
@@ -292,11 +294,9 @@ class Trainer:
             **norms, "tokens_in_loss": totals["tokens_in_loss"],
             "forward_tokens": totals["forward_tokens"], "forward_passes": totals["forward_passes"],
             "completion_len": totals["completion_tokens"] / n,
-            "sampled_tokens": totals["completion_tokens"] + replay_tokens,
+            "sampled_tokens": totals["completion_tokens"] + replay.pop("replay_tokens"),
             **({"kl": totals["kl"] / cfg.batch_size / (1 if group_parallel else self.world)} if "kl" in totals else {}),
-            **({"num_pairs": totals["num_pairs"], "nonzero_pairs": totals["nonzero_pairs"],
-                "replay_updates": replay_updates,
-                "replay_reward_mean": sum(replay_scores) / len(replay_scores) if replay_scores else None}
+            **({"num_pairs": totals["num_pairs"], "nonzero_pairs": totals["nonzero_pairs"], **replay}
                if cfg.algo == "tspmo" else {}),
             **adapter_norms(self.model), "skipped": not ok, **{f"sec_{k}": round(v, 4) for k, v in sec.items()},
             "peak_mem_mb": round(peak_memory_mb(device), 1),

@@ -169,3 +169,20 @@ def test_each_method_is_paired_with_earlier_ones_seed_by_seed(tmp_path, capsys):
     assert header == ["GRPO", "S-GRPO", "T-SPMO"]
     assert table["vs GRPO, same seed and problems (McNemar)"] == ["", "other problems", "+4/-1, p=0.38 / -"]
     assert table["vs S-GRPO, same seed and problems (McNemar)"] == ["", "", "other problems / -"]
+
+
+def test_replay_gradient_row_appears_once_logged(tmp_path, capsys):
+    t, g = fake_run(tmp_path, "t0", "tspmo", 0, {0: 0.1}), fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1})
+    assert main([t, g]) == 0
+    assert not any("replay" in name for name in rows(capsys.readouterr().out)[0])  # runs from before the column
+    metrics = os.path.join(t, "metrics.jsonl")
+    lines = [json.loads(x) for x in open(metrics)]
+    lines[1]["replay_grad_norm"], lines[2]["replay_grad_norm"] = 0.004, 0.0  # step 2's replay had no gradient
+    for line in lines[1:]:
+        line.update(delta_w_norm=0.1, lora_a_abs=0.01, lora_b_abs=0.001)  # the adapter rows come with these
+    with open(metrics, "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+    assert main([t, g]) == 0
+    table, header = rows(capsys.readouterr().out)
+    assert header == ["GRPO", "T-SPMO"]
+    assert table["gradient norm, replay updates (mean over steps with one)"] == ["-", "0.004"]

@@ -39,7 +39,7 @@ def test_two_steps_write_every_artifact(tiny_dir, tmp_path, algo, task, capsys):
             assert key in m, key
         sampled = m["completion_len"] * 3  # |G| = 3
         if algo == "tspmo":
-            assert {"num_pairs", "nonzero_pairs", "replay_updates"} <= m.keys()
+            assert {"num_pairs", "nonzero_pairs", "replay_updates", "replay_nonzero_pairs"} <= m.keys()
             assert m["sampled_tokens"] >= sampled - 1e-6  # plus the replay continuations
         else:
             assert m["sampled_tokens"] == pytest.approx(sampled)

@@ -218,6 +218,10 @@ def adapter_rows(cols: list[list[Run]], eval_steps: list[int]) -> list[tuple[str
             for s in eval_steps if s > 0]
     rows.append(("gradient norm, objective (mean over steps with one)", [mean_of(runs, "grad_norm") for runs in cols]))
     rows.append(("gradient norm, L2 term (mean)", [mean_of(runs, "grad_norm_l2") for runs in cols]))
+    logged = [any("replay_grad_norm" in m for r in runs for m in r.steps) for runs in cols]  # T-SPMO, newer runs
+    if any(logged):
+        rows.append(("gradient norm, replay updates (mean over steps with one)",
+                     [mean_of(runs, "replay_grad_norm") if has else "-" for runs, has in zip(cols, logged)]))
     return rows
 
 
