@@ -1,4 +1,4 @@
-"""The progress table of docs/qwen.md, from each run's metrics.jsonl (a run may still be going):
+"""The per-run figures of docs/qwen.md, from each run's metrics.jsonl and latest checkpoint (a run may still be going):
 
     python examples/table2-qwen05b/progress.py examples/table2-qwen05b-3x2/*/
 
@@ -6,13 +6,37 @@ Per run: steps done; groups whose rewards were all equal (reward_mean 0 or 1, ex
 no policy gradient), and how many of them were all right; the mean training reward; sampled tokens (sum of
 sampled_tokens); seconds a step (mean of the sec_* fields but sec_eval); the replay's mean seconds; ||dW|| every
 50 steps; validation accuracy with its 95% interval; CPU hours so far (training and validation).
+
+Then where the gradient came from: the objective's gradient norm over the steps whose group had a signal
+(0 < reward_mean < 1); for T-SPMO the tree's pairs a step and how many carry a non-zero advantage; and,
+from the optimizer state of the latest checkpoint, AdamW's update count and sqrt(sum of v-hat), the
+gradient norm its steps divide by (v-hat: the bias-corrected running mean of squared gradients, over
+every update, T-SPMO's replay updates included).
 """
+import json
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from tinyrl.cli import run_main  # noqa: E402
 from tinyrl.plot import read_run  # noqa: E402
+
+
+def adam_scale(run: str) -> str:
+    """AdamW's update count and sqrt(sum of v-hat) from the latest checkpoint's optimizer state."""
+    from safetensors.torch import load_file
+    try:
+        with open(os.path.join(run, "latest")) as f:
+            ckpt = os.path.join(run, json.load(f)["checkpoint"])
+    except OSError:
+        return "no checkpoint"
+    tensors = load_file(os.path.join(ckpt, "state.safetensors"))
+    with open(os.path.join(ckpt, "state.json")) as f:
+        beta2 = json.load(f)["optimizer"]["param_groups"][0]["betas"][1]
+    updates = int(tensors["optim.0.step"])
+    v = sum(t.double().sum().item() for k, t in tensors.items() if k.endswith("exp_avg_sq"))
+    return f"{updates} AdamW updates; sqrt(sum of v-hat) {(v / (1 - beta2 ** updates)) ** 0.5:.3g}"
 
 
 def main() -> None:
@@ -34,6 +58,16 @@ def main() -> None:
         print("  validation: " + ", ".join(f"{100 * a:.1f}% at {s}" + (f" [{100 * c[0]:.1f}-{100 * c[1]:.1f}]" if c else "")
                                             for s, a, c in evals))
         print(f"  CPU hours: {(sum(seconds) + sum(r.get('sec_eval', 0) for r in rows)) / 3600:.2f}")
+        signal = [r for r in steps if 0 < r["reward_mean"] < 1 and "grad_norm" in r]
+        if signal:
+            print(f"  gradient norm over the {len(signal)} steps with a signal: mean "
+                  f"{statistics.mean(r['grad_norm'] for r in signal):.3g}")
+        pairs = [r for r in steps if r.get("nonzero_pairs")]
+        if pairs:
+            nonzero = [r["nonzero_pairs"] for r in pairs]
+            print(f"  tree pairs a step: median {statistics.median(r['num_pairs'] for r in steps):.0f}; non-zero in the "
+                  f"{len(pairs)} steps with any: median {statistics.median(nonzero):.0f} ({min(nonzero)}-{max(nonzero)})")
+        print(f"  optimizer: {adam_scale(run)}")
 
 
 if __name__ == "__main__":
