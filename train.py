@@ -278,7 +278,8 @@ class Trainer:
         t4 = clock(device)
         ok, norms = self.optimizer_step(totals["loss"])  # a non-finite update is dropped
         sec["optim"] = clock(device) - t4
-        replay = {"replay_tokens": 0}
+        replay = {"replay_updates": 0, "replay_reward_mean": None, "replay_grad_norm": None, "replay_nonzero_pairs": 0,
+                  "replay_tokens": 0}  # no replay after a dropped update
         if cfg.algo == "tspmo" and ok:
             t5 = clock(device)
             ok, replay = self.replay_updates()

@@ -135,6 +135,7 @@ def test_nan_updates_are_skipped_counted_and_stop_the_run(toy_task, tmp_path, ca
     assert code == 3 and "3 updates in a row had a NaN/inf" in capsys.readouterr().err
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["skipped"] for m in lines] == [False, True, True, True]
+    assert all(m.keys() == lines[0].keys() for m in lines)  # a dropped update logs the same columns (replay's too)
     assert json.loads((run / "latest").read_text())["step"] == 4  # stopped with a checkpoint
     state = json.loads((run / "checkpoints" / "step-000004" / "state.json").read_text())["trainer"]
     assert state["skipped_steps"] == 3 and state["bad_steps"] == 3
