@@ -218,11 +218,11 @@ class Trainer:
         loss += norms.pop("l2_loss")
         return finite_step(self.optimizer, self.params, loss), {"loss": loss, **norms}
 
-    def replay_updates(self) -> tuple[bool, dict]:
+    def replay_updates(self, draws: list[tuple[Episode, int]]) -> tuple[bool, dict]:
         """T-SPMO replay (paper §III-C): extra updates on fresh continuations below a kept prefix of a past
-        completion. Returns whether all were finite, and their log fields (rewards, gradient norms, pairs)."""
+        completion, one per (episode, cut) drawn. Returns whether all were finite, and their log fields."""
         scores, norms, pairs, tokens, ok = [], [], 0, 0, True
-        for episode, m in dist.broadcast(self.replay.draw(self.cfg.replay_success, self.cfg.replay_failure)):
+        for episode, m in draws:
             kept = episode.completion_ids[:m]
             prefix = episode.prompt_ids + kept
             # our choice (paper silent): kept part + continuation stay within max_new_tokens
@@ -278,11 +278,13 @@ class Trainer:
         t4 = clock(device)
         ok, norms = self.optimizer_step(totals["loss"])  # a non-finite update is dropped
         sec["optim"] = clock(device) - t4
-        replay = {"replay_updates": 0, "replay_reward_mean": None, "replay_grad_norm": None, "replay_nonzero_pairs": 0,
-                  "replay_tokens": 0}  # no replay after a dropped update
-        if cfg.algo == "tspmo" and ok:
+        replay = {}
+        if cfg.algo == "tspmo":
             t5 = clock(device)
-            ok, replay = self.replay_updates()
+            # no replay after a dropped update; its log columns are written all the same
+            draws = dist.broadcast(self.replay.draw(cfg.replay_success, cfg.replay_failure)) if ok else []
+            replay_ok, replay = self.replay_updates(draws)
+            ok = ok and replay_ok
             sec["replay"] = clock(device) - t5
 
         self.state["bad_steps"] = 0 if ok else self.state["bad_steps"] + 1
@@ -295,7 +297,7 @@ class Trainer:
             **norms, "tokens_in_loss": totals["tokens_in_loss"],
             "forward_tokens": totals["forward_tokens"], "forward_passes": totals["forward_passes"],
             "completion_len": totals["completion_tokens"] / n,
-            "sampled_tokens": totals["completion_tokens"] + replay.pop("replay_tokens"),
+            "sampled_tokens": totals["completion_tokens"] + replay.pop("replay_tokens", 0),
             **({"kl": totals["kl"] / cfg.batch_size / (1 if group_parallel else self.world)} if "kl" in totals else {}),
             **({"num_pairs": totals["num_pairs"], "nonzero_pairs": totals["nonzero_pairs"], **replay}
                if cfg.algo == "tspmo" else {}),

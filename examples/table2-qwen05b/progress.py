@@ -26,7 +26,7 @@ from tinyrl.plot import read_run  # noqa: E402
 def adam_scale(run: str) -> str:
     """AdamW's update count and sqrt(sum of v-hat) from the latest checkpoint's optimizer state."""
     from safetensors.torch import load_file
-    try:
+    try:  # not tinyrl.checkpoint.latest_checkpoint: its recovery may rename folders of a run still going
         with open(os.path.join(run, "latest")) as f:
             ckpt = os.path.join(run, json.load(f)["checkpoint"])
     except OSError:
