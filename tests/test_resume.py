@@ -50,9 +50,6 @@ def test_stop_and_resume_equals_uninterrupted(toy_task, tmp_path, algo, monkeypa
     if algo == "tspmo":
         assert sum(m.get("replay_updates", 0) for m in whole) >= 6  # the replay stream was exercised
         assert any(m.get("nonzero_pairs") for m in whole)
-        replayed = [m for m in whole if m.get("replay_updates")]  # credit on some pair gives a gradient, none gives none
-        assert all((m["replay_grad_norm"] > 0) == (m["replay_nonzero_pairs"] > 0) for m in replayed)
-        assert any(m["replay_nonzero_pairs"] for m in replayed)
     assert any(0 < m.get("reward_mean", 0) < 1 for m in whole)
     a, b = adapter(tmp_path / "whole" / "final"), adapter(tmp_path / "split" / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

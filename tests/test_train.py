@@ -95,3 +95,20 @@ def test_lam_mode_is_saved_honoured_on_resume_and_logged(tiny_dir, tmp_path, cap
     assert train.main([*flags[:5], str(loss_run), *flags[6:], "--lam-mode", "loss"]) == 0
     lines = [json.loads(x) for x in (loss_run / "metrics.jsonl").read_text().splitlines()][1:]
     assert all(m["grad_norm_l2"] > 0 for m in lines)  # lam = 0.01 in the loss: 2·lam·||W||
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_replay_logs_a_gradient_exactly_when_its_tree_has_credit(tiny_dir, tmp_path, seed):
+    """A reward from the text's checksum parity scores distinct completions apart, so replay has both pools
+    and most replay trees branch on reward: whatever the trajectory, some replay update has non-zero pairs."""
+    (tmp_path / "rw.py").write_text("import zlib\n"
+                                    "def parity(completion, answer):\n    return float(zlib.crc32(completion.encode()) % 2)\n")
+    run = tmp_path / "run"
+    assert train.main(["--algo", "tspmo", "--task", "mult", "--model", tiny_dir, "--out", str(run), "--steps", "3",
+                       "--group-size", "4", "--max-new-tokens", "4", "--temperature", "1.0", "--eval-every", "0",
+                       "--test-n", "0", "--replay-success", "1", "--replay-failure", "1", "--seed", str(seed),
+                       "--reward", f"{tmp_path / 'rw.py'}:parity"]) == 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    replayed = [m for m in lines if m.get("replay_updates")]
+    assert replayed and any(m["replay_nonzero_pairs"] for m in replayed)
+    assert all((m["replay_grad_norm"] > 0) == (m["replay_nonzero_pairs"] > 0) for m in replayed)
