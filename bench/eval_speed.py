@@ -13,14 +13,16 @@ split are decoded greedily with the same token limit and EOS ids by:
 Prints wall seconds, generated tokens (up to and including the EOS), tokens/s and the speed-up over
 HF, the decode steps each engine ran, their mean rows (a static batch keeps finished rows until its
 longest ends) and seconds, the prefill passes and their seconds, and how many completions differ from HF's
-and from generate_batch's. --profile: where eval.py's time goes, by operator.
+and from generate_batch's; then the most any scheduler at this batch size could gain on eval.py's steps (a
+fit of a step's seconds as fixed + per row, with every slot busy on every step and prefill free).
+--profile: where eval.py's time goes, by operator.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from common import load_bench_model  # (also puts the repository on sys.path)
@@ -72,6 +74,15 @@ class Forwards:
     decode_s: float = 0.0
     prefills: int = 0
     prefill_s: float = 0.0
+    each: list = field(default_factory=list)  # (rows, seconds) of every decode step
+
+
+def step_cost(each: list) -> tuple[float, float]:
+    """Least-squares fit of a decode step's seconds as fixed + per_row * rows: (fixed, per_row)."""
+    rows, secs = torch.tensor(each, dtype=torch.float64).T
+    design = torch.stack([torch.ones_like(rows), rows], 1)
+    fixed, per_row = torch.linalg.lstsq(design, secs[:, None]).solution[:, 0].tolist()
+    return fixed, per_row
 
 
 @contextlib.contextmanager
@@ -88,6 +99,7 @@ def counting_steps(model, counts: Forwards):
             counts.steps += 1
             counts.rows += ids.shape[0]
             counts.decode_s += seconds
+            counts.each.append((ids.shape[0], seconds))
         elif ids is not None:
             counts.prefills += 1
             counts.prefill_s += seconds
@@ -141,14 +153,23 @@ def main():
             start = time.perf_counter()
             with counting_steps(model, counts):
                 outs = engine(model, prompts, args.max_new_tokens, eos, pad, args.batch_size)
-            results.append((outs, time.perf_counter() - start))
-            (hf, hf_seconds), static = results[0], results[min(1, len(results) - 1)][0]
+            results.append((outs, time.perf_counter() - start, counts))
+            (hf, hf_seconds, _), static = results[0], results[min(1, len(results) - 1)][0]
             seconds, tokens = results[-1][1], sum(map(len, outs))
             differ = [sum(a != b for a, b in zip(outs, ref)) for ref in (hf, static)]
             print(f"{label:<38}{seconds:>9.1f}{tokens:>8}{tokens / seconds:>10.1f}{hf_seconds / seconds:>7.2f}x"
                   f"{counts.steps:>7}{counts.rows / max(1, counts.steps):>6.1f}{counts.decode_s:>10.1f}"
                   f"{counts.prefills:>10}{counts.prefill_s:>11.1f}"
                   f"{differ[0]:>12}{differ[1]:>16}")
+        outs, _, counts = results[2]  # eval.py's engine
+        if len({rows for rows, _ in counts.each}) > 1:  # the fit needs steps of two sizes at least
+            fixed, per_row = step_cost(counts.each)
+            full = -(-sum(len(c) - 1 for c in outs) // args.batch_size)  # decode steps if every slot were always busy
+            best = full * (fixed + per_row * args.batch_size)
+            print(f"eval.py's decode step: {fixed * 1000:.1f} ms + {per_row * 1000:.2f} ms a row (fit over its "
+                  f"{len(counts.each)} steps); with every slot busy on every step and prefill free it would take "
+                  f"{best:.1f} s: no scheduler at batch size {args.batch_size} on these steps passes "
+                  f"{hf_seconds / best:.2f}x HF")
         print(f"cut at {args.max_new_tokens} tokens: {sum(len(c) == args.max_new_tokens for c in hf)} of {len(hf)} (HF); "
               f"CPU kernels (each engine's probe shape): {cpu.describe(model)}")
         if args.profile:
