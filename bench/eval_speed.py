@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -69,20 +70,10 @@ def tinyrl_continuous_sorted(model, prompts, max_new_tokens, eos, pad, batch_siz
 @dataclass
 class Forwards:
     """The forward calls an engine made: decode steps (one token per row), their rows and seconds; prefills."""
-    steps: int = 0
-    rows: int = 0
-    decode_s: float = 0.0
+    rows: list = field(default_factory=list)  # of every decode step
+    step_s: list = field(default_factory=list)  # seconds of every decode step
     prefills: int = 0
     prefill_s: float = 0.0
-    each: list = field(default_factory=list)  # (rows, seconds) of every decode step
-
-
-def step_cost(each: list) -> tuple[float, float]:
-    """Least-squares fit of a decode step's seconds as fixed + per_row * rows: (fixed, per_row)."""
-    rows, secs = torch.tensor(each, dtype=torch.float64).T
-    design = torch.stack([torch.ones_like(rows), rows], 1)
-    fixed, per_row = torch.linalg.lstsq(design, secs[:, None]).solution[:, 0].tolist()
-    return fixed, per_row
 
 
 @contextlib.contextmanager
@@ -96,10 +87,8 @@ def counting_steps(model, counts: Forwards):
         out = forward(*args, **kwargs)
         seconds = time.perf_counter() - start
         if ids is not None and ids.shape[1] == 1:
-            counts.steps += 1
-            counts.rows += ids.shape[0]
-            counts.decode_s += seconds
-            counts.each.append((ids.shape[0], seconds))
+            counts.rows.append(ids.shape[0])
+            counts.step_s.append(seconds)
         elif ids is not None:
             counts.prefills += 1
             counts.prefill_s += seconds
@@ -158,16 +147,16 @@ def main():
             seconds, tokens = results[-1][1], sum(map(len, outs))
             differ = [sum(a != b for a, b in zip(outs, ref)) for ref in (hf, static)]
             print(f"{label:<38}{seconds:>9.1f}{tokens:>8}{tokens / seconds:>10.1f}{hf_seconds / seconds:>7.2f}x"
-                  f"{counts.steps:>7}{counts.rows / max(1, counts.steps):>6.1f}{counts.decode_s:>10.1f}"
+                  f"{len(counts.rows):>7}{sum(counts.rows) / max(1, len(counts.rows)):>6.1f}{sum(counts.step_s):>10.1f}"
                   f"{counts.prefills:>10}{counts.prefill_s:>11.1f}"
                   f"{differ[0]:>12}{differ[1]:>16}")
         outs, _, counts = results[2]  # eval.py's engine
-        if len({rows for rows, _ in counts.each}) > 1:  # the fit needs steps of two sizes at least
-            fixed, per_row = step_cost(counts.each)
+        if len(set(counts.rows)) > 1:  # a fit of seconds = fixed + per_row * rows needs steps of two sizes at least
+            per_row, fixed = statistics.linear_regression(counts.rows, counts.step_s)  # least squares
             full = -(-sum(len(c) - 1 for c in outs) // args.batch_size)  # decode steps if every slot were always busy
             best = full * (fixed + per_row * args.batch_size)
             print(f"eval.py's decode step: {fixed * 1000:.1f} ms + {per_row * 1000:.2f} ms a row (fit over its "
-                  f"{len(counts.each)} steps); with every slot busy on every step and prefill free it would take "
+                  f"{len(counts.rows)} steps); with every slot busy on every step and prefill free it would take "
                   f"{best:.1f} s: no scheduler at batch size {args.batch_size} on these steps passes "
                   f"{hf_seconds / best:.2f}x HF")
         print(f"cut at {args.max_new_tokens} tokens: {sum(len(c) == args.max_new_tokens for c in hf)} of {len(hf)} (HF); "
