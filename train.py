@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from tinyrl import cpu, dist
+from tinyrl import cpu, credit, dist
 from tinyrl.checkpoint import (TensorBoard, append_jsonl, latest_checkpoint, load_checkpoint, publish_dir,
                                save_checkpoint, truncate_jsonl, write_json_atomic)
 from tinyrl.cli import UserError, run_main
@@ -135,6 +135,7 @@ class Trainer:
             write_json_atomic(os.path.join(self.run, "config.json"), vars(cfg))
             truncate_jsonl(self.metrics_path, last_logged)
             truncate_jsonl(self.samples_path, last_logged)
+            credit.truncate(self.run, last_logged)
         # group-parallel: the ranks share one prompt's |G| completions and each backpropagates its shard of the
         # loss; prompt-parallel: each rank takes its own prompt and the whole group (an effective batch of `world`)
         self.group_parallel = cfg.parallel == "group"
@@ -194,11 +195,14 @@ class Trainer:
                       self.eos, self.sampler_gen, cfg.chunk_size, cfg.static_cache)
         return dist.gather(mine)
 
-    def tspmo_update(self, prompt_ids, completions, rewards, shard, scale) -> dict:
-        """T-SPMO: advantages A(v|p) from the prefix tree (Eq. 7-9), then Eq. (10) backpropagated."""
-        tree = PrefixTree(completions, rewards)
-        return tspmo_backward(self.model, prompt_ids, completions, tree, self.pad, self.cfg.log_prob,
-                              self.cfg.max_batch_tokens, scale=scale, shard=shard)
+    def tspmo_update(self, prompt_ids, completions, rewards, shard, scale, about: dict) -> dict:
+        """T-SPMO: advantages A(v|p) from the prefix tree (Eq. 7-9), then Eq. (10) backpropagated. The tree's
+        completions, rewards and credited pairs join this step's records (`tinyrl.credit`), with `about` it."""
+        tree, pairs = PrefixTree(completions, rewards), []
+        stats = tspmo_backward(self.model, prompt_ids, completions, tree, self.pad, self.cfg.log_prob,
+                               self.cfg.max_batch_tokens, scale=scale, shard=shard, pairs=pairs)
+        self.trees.append({**about, "completions": completions, "rewards": rewards, "pairs": dist.gather(pairs)})
+        return stats
 
     def grpo_update(self, prompt_ids, completions, rewards) -> dict:
         """GRPO (every token) or S-GRPO (Algorithm 1's subset): group advantages (Eq. 2), Eq. (3)/(5) backpropagated."""
@@ -229,7 +233,10 @@ class Trainer:
             continuations = self.sample(prefix, self.cfg.group_size, self.cfg.max_new_tokens - m, split=True)
             rewards = replay_rewards(self.tokenizer, kept, continuations, episode.answer, self.task.reward,
                                      episode.problem)
-            stats = self.tspmo_update(prefix, continuations, rewards, (self.rank, self.world), 1.0)
+            stats = self.tspmo_update(prefix, continuations, rewards, (self.rank, self.world), 1.0, {
+                "kind": "replay", "problem": episode.problem, "answer": episode.answer,
+                "prompt_ids": episode.prompt_ids, "source": episode.completion_ids,
+                "source_reward": episode.reward, "cut": m})
             step_ok, step_norms = self.optimizer_step(dist.total(stats["loss"]))
             ok, scores, norms = ok and step_ok, scores + rewards, norms + [step_norms["grad_norm"]]
             pairs += dist.total(stats["nonzero_pairs"])
@@ -243,7 +250,7 @@ class Trainer:
         cfg, device, group_parallel = self.cfg, self.device, self.group_parallel
         sec = dict.fromkeys(("sample", "reward", "loss", "optim", "replay"), 0.0)
         totals: dict = {}
-        rewards_seen, samples = [], []
+        rewards_seen, samples, self.trees = [], [], []
         for _ in range(cfg.batch_size):  # gradient accumulation over prompts (Table IV); paper: 1
             problems = [self.stream.next() for _ in range(1 if group_parallel else self.world)]  # same on every rank
             problem = problems[0 if group_parallel else self.rank]
@@ -254,7 +261,8 @@ class Trainer:
             rewards = [self.task.reward(text, problem.answer, problem.id) for text in texts]
             t2 = clock(device)
             if cfg.algo == "tspmo":
-                stats = self.tspmo_update(problem.prompt_ids, completions, rewards, self.shard, self.scale)
+                stats = self.tspmo_update(problem.prompt_ids, completions, rewards, self.shard, self.scale, {
+                    "kind": "fresh", "problem": problem.id, "answer": problem.answer, "prompt_ids": problem.prompt_ids})
                 episodes = [Episode(problem.prompt_ids, c, r, problem.answer, problem.id)
                             for c, r in zip(completions, rewards)]
                 for episode in episodes if group_parallel else dist.gather(episodes):  # same buffer on every rank
@@ -286,6 +294,9 @@ class Trainer:
             replay_ok, replay = self.replay_updates(draws)
             ok = ok and replay_ok
             sec["replay"] = clock(device) - t5
+            replay.update(credit.columns(self.trees, self.tokenizer))  # where this step's credit sits
+            if cfg.record_trees and self.main_rank:
+                credit.save(self.run, step, self.trees)
 
         self.state["bad_steps"] = 0 if ok else self.state["bad_steps"] + 1
         self.state["skipped_steps"] += not ok

@@ -1,5 +1,6 @@
 """Checkpoints: atomic publication, recovery after a kill at each point of a save, no pickle, disk full."""
 import errno
+import gzip
 import json
 import os
 import pathlib
@@ -101,7 +102,8 @@ def test_saved_state_loads_with_pickle_disabled(toy_task, tmp_path, monkeypatch)
     assert train.main(["--algo", "tspmo", "--model", toy_task, "--out", str(run), "--steps", "2", "--group-size", "4",
                        "--max-new-tokens", "2", "--eval-every", "1", "--eval-n", "1", "--test-n", "1"]) == 0
     files = [p for p in run.rglob("*") if p.is_file()]
-    assert {p.suffix for p in files} <= {".json", ".jsonl", ".safetensors", ""}  # "" is the latest pointer (JSON)
+    assert {p.suffix for p in files} <= {".json", ".jsonl", ".safetensors", ".gz", ""}  # "" is the latest pointer
+    assert all(p.name.endswith(".json.gz") for p in files if p.suffix == ".gz")  # T-SPMO's tree records
     for name in ("loads", "load", "Unpickler"):
         monkeypatch.setattr(pickle, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("pickle used")))
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("torch.load used")))
@@ -112,6 +114,8 @@ def test_saved_state_loads_with_pickle_disabled(toy_task, tmp_path, monkeypatch)
             load_file(str(p))
         elif p.suffix in (".json", ""):
             json.loads(p.read_text())
+        elif p.suffix == ".gz":
+            json.loads(gzip.decompress(p.read_bytes()))
     monkeypatch.undo()  # model loading itself may use anything; the resume below reads our files
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pickle used")))
     assert train.main(["--resume", str(run), "--steps", "3"]) == 0

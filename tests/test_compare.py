@@ -186,3 +186,21 @@ def test_replay_gradient_row_appears_once_logged(tmp_path, capsys):
     table, header = rows(capsys.readouterr().out)
     assert header == ["GRPO", "T-SPMO"]
     assert table["gradient norm, replay updates (mean over steps with one)"] == ["-", "0.004"]
+
+
+def test_credit_rows_mean_over_steps_with_a_value(tmp_path, capsys):
+    t, g = fake_run(tmp_path, "t0", "tspmo", 0, {0: 0.1}), fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1})
+    metrics = os.path.join(t, "metrics.jsonl")
+    lines = [json.loads(x) for x in open(metrics)]
+    for line, credit in zip(lines[1:], [(0.25, 0.5, 0.0, 1.0), (None, None, 1.0, 0.0)]):  # step 2: no fresh credit
+        line.update(delta_w_norm=0.1, lora_a_abs=0.01, lora_b_abs=0.001, **dict(zip(
+            ("credit_in_answer", "credit_position", "replay_cut_in_answer", "replay_flat"), credit)))
+    with open(metrics, "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+    assert main([t, g]) == 0
+    table, header = rows(capsys.readouterr().out)
+    assert header == ["GRPO", "T-SPMO"]
+    assert table["credited pairs in the final answer %, fresh trees"] == ["-", "25"]
+    assert table["credited pair position, 0 first token to 1 last"] == ["-", "0.5"]
+    assert table["replay cuts at or after the answer's first token %"] == ["-", "50"]  # zeros count
+    assert table["replay trees with every continuation alike %"] == ["-", "50"]

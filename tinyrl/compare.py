@@ -222,7 +222,22 @@ def adapter_rows(cols: list[list[Run]], eval_steps: list[int]) -> list[tuple[str
     if any(logged):
         rows.append(("gradient norm, replay updates (mean over steps with one)",
                      [mean_of(runs, "replay_grad_norm") if has else "-" for runs, has in zip(cols, logged)]))
+    if any("credit_in_answer" in m for runs in cols for r in runs for m in r.steps):  # T-SPMO, newer runs
+        rows += credit_rows(cols)
     return rows
+
+
+def credit_rows(cols: list[list[Run]]) -> list[tuple[str, list[str]]]:
+    """Where T-SPMO's credit sat (tinyrl.credit's columns): each a mean over the steps that have a value."""
+    def mean_of(runs: list[Run], key: str, scale: float = 1) -> str:
+        values = [m[key] for r in runs for m in r.steps if m.get(key) is not None]
+        return f"{scale * statistics.mean(values):.3g}" if values else "-"
+
+    return [(name, [mean_of(runs, key, scale) for runs in cols]) for name, key, scale in (
+        ("credited pairs in the final answer %, fresh trees", "credit_in_answer", 100),
+        ("credited pair position, 0 first token to 1 last", "credit_position", 1),
+        ("replay cuts at or after the answer's first token %", "replay_cut_in_answer", 100),
+        ("replay trees with every continuation alike %", "replay_flat", 100))]
 
 
 def figure(fields: list[str], groups: dict[tuple, list[Run]], out: str) -> None:

@@ -64,6 +64,8 @@ class Config:
     replay_failure: int = F(None, "C_failure replays per step (paper: 0)")
     replay_capacity: int = F(1000, "replay buffer size, FIFO (paper silent; docs/design.md)")
     replay_threshold: float = F(1.0, "r: a completion with R >= r is a success (paper silent; docs/design.md)")
+    record_trees: bool = F(True, "T-SPMO: keep each update's prefix tree in RUN/trees/ (completions, rewards, the "
+                                 "credited pairs' A and pi; a few KB a step) for python -m tinyrl.credit")
     # optimisation
     steps: int = F(None, "optimizer steps (paper: mult 350 T-SPMO, 450 S-GRPO/GRPO; svamp 400, 325)")
     lr: float = F(1e-4, "AdamW learning rate (paper: 1e-4); weight decay lam under --lam-mode decoupled, else 0")
@@ -111,7 +113,7 @@ def preset(algo: str, task: str) -> dict:
 
 # fields that may change when a run resumes; the others define the run and must stay as they were
 RESUMABLE = {"steps", "eval_every", "save_every", "keep", "device", "max_bad_steps", "test_n", "eval_batch_size",
-             "out", "parallel", "cpu_kernels", "report_to"}
+             "out", "parallel", "cpu_kernels", "report_to", "record_trees"}
 
 
 def _check(cfg: Config) -> None:

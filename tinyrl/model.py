@@ -68,6 +68,37 @@ def gguf_read_once():
         gguf.GGUFReader = original
 
 
+def _source(name: str) -> tuple[str, dict, str]:
+    """Where `from_pretrained` finds a model: (folder or hub id, its keyword arguments, a note when offline)."""
+    path, kwargs = os.path.expanduser(name), {}
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise UserError(f"model file {name} does not exist")
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(f"loading a .gguf file needs {' and '.join(missing)}: pip install gguf accelerate")
+        path, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    elif not os.path.exists(path) and _looks_like_path(name):
+        raise UserError(f"model path {name} does not exist")
+    offline = ""
+    if not os.path.exists(path) and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
+        kwargs["local_files_only"], offline = True, " (the hub is unreachable from here, so only the local cache was tried)"
+    return path, kwargs, offline
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a model (hub id, folder or .gguf file) without its weights: for tools that only decode."""
+    from transformers import AutoTokenizer
+
+    path, kwargs, offline = _source(name)
+    try:
+        with gguf_read_once() if "gguf_file" in kwargs else contextlib.nullcontext():
+            return AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise UserError(f"could not load the tokenizer of {name!r}: {str(e).strip().splitlines()[0]}{offline}. "
+                        f"Pass a local folder or .gguf file with --model") from None
+
+
 def load_model(name: str, dtype: str = "float32", device: str | None = None):
     """Return (model, tokenizer) with every base weight frozen and the model in eval mode.
 
@@ -81,26 +112,14 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
     if dtype not in (*DTYPES, "auto"):
         raise UserError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
     dev = pick_device(device)
-    path = os.path.expanduser(name)
-    kwargs: dict = {}
+    path, kwargs, offline = _source(name)
     model_kwargs: dict = {}
-    if path.endswith(".gguf"):
-        if not os.path.isfile(path):
-            raise UserError(f"model file {name} does not exist")
-        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise UserError(f"loading a .gguf file needs {' and '.join(missing)}: pip install gguf accelerate")
-        path, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if "gguf_file" in kwargs:
         try:  # newer transformers can keep GGUF blocks packed in its own layers; LoRA needs plain nn.Linear
             from transformers import GgufConfig
             model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
         except ImportError:  # older transformers always dequantize
             pass
-    elif not os.path.exists(path) and _looks_like_path(name):
-        raise UserError(f"model path {name} does not exist")
-    offline = ""
-    if not os.path.exists(path) and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
-        kwargs["local_files_only"], offline = True, " (the hub is unreachable from here, so only the local cache was tried)"
     try:
         with gguf_read_once() if "gguf_file" in kwargs else contextlib.nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

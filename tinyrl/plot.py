@@ -68,6 +68,21 @@ def draw_norms(ax_grad, ax_adapter, runs) -> None:
     ax_adapter.set(xlabel="step", ylabel="size", yscale="log", title="Adapter size")
 
 
+def draw_credit(ax, runs, smooth: int) -> None:
+    """Where T-SPMO's credit sits (tinyrl.credit's columns), each a moving average over the steps that have it."""
+    for i, (label, _, lines) in enumerate(runs):
+        for key, style, name in (("credit_in_answer", "-", "credited pairs in the answer"),
+                                 ("replay_cut_in_answer", "--", "replay cuts in the answer"),
+                                 ("replay_flat", ":", "replay trees all alike")):
+            points = [(m["step"], m[key]) for m in lines if m.get(key) is not None]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, moving_average(list(values), max(1, smooth)), style, color=f"C{i}",
+                        label=f"{label}: {name}")
+    ax.set(xlabel="step", ylabel=f"share ({smooth}-step moving average)", ylim=(-0.05, 1.05),
+           title="Where T-SPMO's credit sits")
+
+
 def main(argv=None) -> int:
     p = ArgParser(description="Plot validation accuracy and training reward of tinyrl runs.")
     p.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
@@ -77,7 +92,9 @@ def main(argv=None) -> int:
     plt = pyplot()
     runs = [read_run(r) for r in args.runs]
     norms = any("grad_norm" in m for _, _, lines in runs for m in lines)  # runs from before these columns lack them
-    fig, axes = plt.subplots(2 if norms else 1, 2, figsize=(11, 8 if norms else 4), squeeze=False)
+    where = any("credit_in_answer" in m for _, _, lines in runs for m in lines)
+    rows = 1 + norms + where
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), squeeze=False)
     (ax_val, ax_reward), *rest = axes
     for label, _, lines in runs:
         val = [(m["step"], 100 * m["val_accuracy"]) for m in lines if "val_accuracy" in m]
@@ -91,9 +108,13 @@ def main(argv=None) -> int:
     ax_reward.set(xlabel="step", ylabel=f"mean reward ({args.smooth}-step moving average)", title="Training reward")
     if norms:
         draw_norms(*rest[0], runs)
+    if where:
+        draw_credit(rest[-1][0], runs, args.smooth)
+        rest[-1][1].axis("off")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     out = args.out or os.path.join(args.runs[0], "curves.png")
     fig.savefig(out, dpi=120)

@@ -178,9 +178,11 @@ def tspmo_backward(
     scale: float = 1.0,
     shard: tuple[int, int] = (0, 1),
     full_logits: bool = False,
+    pairs: list | None = None,
 ) -> dict:
     """Backpropagate T-SPMO's policy term of Eq. (10) for one prefix tree: one forward per completion that owns
-    needed pairs. Eq. (10)'s λ·Σ||W||² acts once per optimizer step, after every gradient is in (`l2_gradient`)."""
+    needed pairs. Eq. (10)'s λ·Σ||W||² acts once per optimizer step, after every gradient is in (`l2_gradient`).
+    Given a list, `pairs` receives (completion i, position t, A(v|p), pi(v|p)) of every pair the loss used."""
     positions, advantages = tspmo_positions(tree, shard)
     mine = {i: len(prompt_ids) + max(ts) for i, ts in enumerate(positions) if ts}
     num_pairs = len(tree)
@@ -193,6 +195,9 @@ def tspmo_backward(
                                      [positions[i] for i in batch], pad_id, full_logits=full_logits)
             adv = torch.tensor([a for i in batch for a in advantages[i]], device=device)
             loss, _ = tspmo_loss(logp, adv, num_pairs, log_prob=log_prob)
+            if pairs is not None:
+                owned = [(i, t, a) for i in batch for t, a in zip(positions[i], advantages[i])]  # logp's order
+                pairs += [(i, t, a, pi) for (i, t, a), pi in zip(owned, logp.detach().exp().tolist())]
             loss = loss * scale
             loss.backward()
             stats["loss"] += loss.item()
