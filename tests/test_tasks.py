@@ -5,7 +5,7 @@ import random
 import pytest
 
 from tinyrl.cli import UserError
-from tinyrl.tasks import (SVAMP_TEST_IDS, TrainStream, mult_task, parse_answer, parse_digits, reward, svamp_records,
+from tinyrl.tasks import (SVAMP_TEST_IDS, intermediate_numbers, works_through_steps, TrainStream, mult_task, parse_answer, parse_digits, reward, svamp_records,
                           svamp_task)
 
 
@@ -113,3 +113,23 @@ def test_train_stream_state_round_trips(tiny):
     b = TrainStream(task, seed=99)
     b.load_state_dict(state)
     assert [a.next().id for _ in range(5)] == [b.next().id for _ in range(5)]
+
+
+@pytest.mark.parametrize("text, numbers", [
+    ("897 × 67 = 60003", []),  # one line: operands and the answer only
+    ("So, the final answer is 60,099.", []),
+    ("136 × (100 − 6) = 13600 − 816 = 12784", [13600, 816, 100]),  # a shortcut writes steps too
+    ("123 × 40 = 4920 and 123 × 5 = 615, so 4920 + 615 = 5535", [40, 615, 4920]),  # nor is the product 5535
+    ("123 × 45: 123 × 4 = 492, 4920 + 615 = 5537", [492, 615, 4920]),  # a wrong answer (5537) is not one
+    ("We need 3 and 5 and 07", []),  # one digit (07 counts as 7) is not a step
+    ("```python\nprint(123 * 45)\n```", []),
+])
+def test_intermediate_numbers_by_hand(text, numbers):
+    assert intermediate_numbers(text, (123, 45) if "123" in text else (136, 94) if "136" in text else (897, 67)) \
+        == sorted(numbers)
+
+
+def test_works_through_steps_needs_two():
+    assert not works_through_steps("123 × 45 is about 6000; it is 5535", (123, 45))  # 6000 only
+    assert works_through_steps("123 × 40 = 4920; 123 × 5 = 615; total 5535", (123, 45))
+    assert not works_through_steps("897 × 67 = 60003", (897, 67))

@@ -134,6 +134,20 @@ def parse_digits(spec: str) -> tuple[tuple[int, int], tuple[int, int]]:
         raise UserError(f"--digits {spec!r}: expected AxB with digit counts (3x3, 2x1) or ranges (11-99x2-9)") from None
 
 
+def intermediate_numbers(text: str, operands: tuple[int, int]) -> list[int]:
+    """The distinct numbers of two or more digits in a multiplication completion that are neither an operand,
+    the product nor the completion's parsed answer: the partial results it writes while working."""
+    product, parsed = operands[0] * operands[1], parse_answer(text)
+    skip = {*operands, product} | ({abs(parsed)} if parsed is not None else set())
+    return sorted({int(x) for x in re.findall(r"\d+", text.replace(",", "")) if len(x.lstrip("0")) >= 2} - skip)
+
+
+def works_through_steps(text: str, operands: tuple[int, int]) -> bool:
+    """A completion works through steps when it writes at least two intermediate numbers
+    (`intermediate_numbers`): e.g. 123 × 45 as 123 × 40 = 4920 and 123 × 5 = 615."""
+    return len(intermediate_numbers(text, operands)) >= 2
+
+
 def mult_problem(tokenizer, a: int, b: int) -> Problem:
     prompt, ids = chat_prompt(tokenizer, MULT_SYSTEM, MULT_USER.format(a=a, b=b), MULT_PREFILL)
     return Problem(f"{a}x{b}", prompt, ids, a * b)
