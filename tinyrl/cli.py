@@ -6,8 +6,14 @@ sentence, and `run_main` prints it as one line on stderr and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
+
+
+def cache_dir() -> str:
+    """Where tinyrl keeps what it downloads or measures once: $TINYRL_CACHE, else ~/.cache/tinyrl."""
+    return os.environ.get("TINYRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tinyrl"))
 
 
 class UserError(Exception):

@@ -38,6 +38,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tinyrl.cli import UserError, cache_dir
+
 MODES = ("auto", "torch", "fast")
 MARGIN = 0.95  # another kernel must take at most 95% of torch's time to be chosen
 
@@ -67,7 +69,6 @@ def set_mode(mode: str | None) -> None:
 def mode() -> str:
     value = _mode or os.environ.get("TINYRL_CPU_KERNELS") or "auto"
     if value not in MODES:
-        from tinyrl.cli import UserError
         raise UserError(f"TINYRL_CPU_KERNELS={value!r}: choose one of {', '.join(MODES)}")
     return value
 
@@ -140,8 +141,6 @@ def cache_key(model: nn.Module, phase: str, shape: str = "") -> str:
 
 
 def kernel_cache_path() -> str:
-    from tinyrl.tasks import cache_dir  # $TINYRL_CACHE, else ~/.cache/tinyrl
-
     return os.path.join(cache_dir(), "cpu_kernels.json")
 
 

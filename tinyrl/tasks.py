@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tinyrl.cli import UserError
+from tinyrl.cli import UserError, cache_dir
 
 
 @dataclass
@@ -203,10 +203,6 @@ SVAMP_URL = "https://raw.githubusercontent.com/arkilpatel/SVAMP/main/SVAMP.json"
 SVAMP_SHA256 = "5be77703a6d891ae476d7c082787ad361392aa02453b132516cdd5f4e7934e3e"
 SVAMP_TEST_IDS = os.path.join(os.path.dirname(__file__), "data", "svamp_test_ids.txt")
 SVAMP_VAL_SEED = 0
-
-
-def cache_dir() -> str:
-    return os.environ.get("TINYRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tinyrl"))
 
 
 def _sha256(path: str) -> str:
