@@ -13,9 +13,9 @@ import torch
 from tinyrl import cpu, dist
 from tinyrl.cli import ArgParser, UserError, run_main
 from tinyrl.evaluate import evaluate
-from tinyrl.lora import load_adapter
-from tinyrl.model import eos_ids, load_model, pad_id
-from tinyrl.tasks import PROMPT_TEMPLATE, SVAMP_SHA256, load_task
+from tinyrl.lora import load_adapter, read_adapter_config
+from tinyrl.model import check_model, eos_ids, load_model, pad_id
+from tinyrl.tasks import PROMPT_TEMPLATE, SVAMP_SHA256, check_task, load_task
 
 
 # eval.py flag -> the run's config.json field: with --adapter from a run, the run's value is the default
@@ -115,12 +115,17 @@ def main(argv=None) -> int:
     cpu.set_mode(args.cpu_kernels)
     if args.out and os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a folder; give a file name such as results.jsonl")
+    sha256 = None if args.svamp_sha256.lower() == "none" else args.svamp_sha256
+    check_task(args.task, args.digits, args.svamp_file, sha256, args.val_file, args.test_file, args.prompt_template,
+               args.prompt_mode, args.reward)
+    check_model(args.model)
+    if args.adapter:
+        read_adapter_config(args.adapter)  # bad input fails above, before the model loads
     _, _, device = dist.setup(args.device)  # under torchrun the problems are split across ranks
     model, tokenizer = load_model(args.model, args.dtype, device)
     if args.adapter:
         load_adapter(model, args.adapter)
-    task = load_task(args.task, tokenizer, args.digits, args.svamp_file,
-                     None if args.svamp_sha256.lower() == "none" else args.svamp_sha256, args.val_file, args.test_file,
+    task = load_task(args.task, tokenizer, args.digits, args.svamp_file, sha256, args.val_file, args.test_file,
                      args.prompt_template, args.prompt_mode, args.reward)
     problems = getattr(task, args.split)[: args.n]
     device = next(model.parameters()).device

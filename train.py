@@ -27,11 +27,11 @@ from tinyrl.config import Config, describe, parse_config
 from tinyrl.evaluate import evaluate
 from tinyrl.memory import cost_note
 from tinyrl.lora import adapter_digest, adapter_norms, inject_lora, load_adapter, lora_parameters, save_adapter
-from tinyrl.model import eos_ids, load_model, pad_id
+from tinyrl.model import check_model, eos_ids, load_model, pad_id
 from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select
 from tinyrl.replay import Episode, ReplayBuffer, replay_rewards
 from tinyrl.sampling import sample
-from tinyrl.tasks import TrainStream, load_task, rng_state, set_rng_state
+from tinyrl.tasks import TrainStream, check_task, load_task, rng_state, set_rng_state
 from tinyrl.update import grpo_backward, l2_gradient, make_optimizer, tspmo_backward
 
 
@@ -92,6 +92,9 @@ class Trainer:
             raise UserError(f"run directory {self.run} already exists; continue it with --resume {self.run} "
                             f"or pick another --out")
         dist.barrier()  # every rank has checked before rank 0 creates the directory
+        check_task(cfg.task, cfg.digits, cfg.svamp_file, None if cfg.svamp_sha256.lower() == "none" else
+                   cfg.svamp_sha256, cfg.val_file, cfg.test_file, cfg.prompt_template, cfg.prompt_mode, cfg.reward)
+        check_model(cfg.model)  # bad input fails above, in a second, before the model loads
         self.say(f"tinyrl: {cfg.algo} on {cfg.task}, run directory {self.run}"
                  + (f", {self.world} ranks ({cfg.parallel}-parallel)" if self.world > 1 else "") + f"\n{describe(cfg)}")
         self.say(cost_note(cfg) or "", end="")
@@ -111,10 +114,12 @@ class Trainer:
         self.eos = eos_ids(self.model, self.tokenizer)
         self.pad = pad_id(self.tokenizer, self.eos)
         n_train = "unlimited draws" if callable(self.task.train) else len(self.task.train)
+        val, test = self.task.val, self.task.test
+        n_test = "none" if cfg.test_n == 0 else f"{len(test[: cfg.test_n])} of {len(test)}"
         self.say(f"  device {self.device}; LoRA on {len(wrapped)} modules of layers "
                  f"{sorted({int(n.split('.')[2]) for n in wrapped})}; {sum(p.numel() for p in self.params):,} "
-                 f"trainable weights; {self.task.name}: train {n_train}, val {len(self.task.val)}, "
-                 f"test {len(self.task.test)}; EOS ids {self.eos}")
+                 f"trainable weights; {self.task.name}: train {n_train}, val {len(val[: cfg.eval_n])} of "
+                 f"{len(val)}, test {n_test}; EOS ids {self.eos}")
 
         # every random stream is its own and is saved in each checkpoint, so a resumed run repeats exactly;
         # the others are the same on every rank, the sampler's is per rank
@@ -250,7 +255,7 @@ class Trainer:
         cfg, device, group_parallel = self.cfg, self.device, self.group_parallel
         sec = dict.fromkeys(("sample", "reward", "loss", "optim", "replay"), 0.0)
         totals: dict = {}
-        rewards_seen, samples, self.trees = [], [], []
+        rewards_seen, samples, self.trees, alike = [], [], [], 0
         for _ in range(cfg.batch_size):  # gradient accumulation over prompts (Table IV); paper: 1
             problems = [self.stream.next() for _ in range(1 if group_parallel else self.world)]  # same on every rank
             problem = problems[0 if group_parallel else self.rank]
@@ -276,6 +281,7 @@ class Trainer:
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0) + value
             rewards_seen += rewards if group_parallel else dist.gather(rewards)
+            alike += len(set(rewards)) == 1  # every completion scored alike: no reward signal in this group
             samples += [{"step": step, "problem": problem.id, "answer": problem.answer, "completion": text,
                          "reward": r} for text, r in list(zip(texts, rewards))[:2]]
             totals["completion_tokens"] = totals.get("completion_tokens", 0) + sum(map(len, completions))
@@ -308,6 +314,7 @@ class Trainer:
             **norms, "tokens_in_loss": totals["tokens_in_loss"],
             "forward_tokens": totals["forward_tokens"], "forward_passes": totals["forward_passes"],
             "completion_len": totals["completion_tokens"] / n,
+            "groups_alike": alike if group_parallel else int(dist.total(alike)),
             "sampled_tokens": totals["completion_tokens"] + replay.pop("replay_tokens", 0),
             **({"kl": totals["kl"] / cfg.batch_size / (1 if group_parallel else self.world)} if "kl" in totals else {}),
             **({"num_pairs": totals["num_pairs"], "nonzero_pairs": totals["nonzero_pairs"], **replay}
@@ -355,13 +362,21 @@ class Trainer:
         self.say(f"done: {self.run} (plot it with: python -m tinyrl.plot {self.run})")
 
 
+def percent(line: dict) -> str:
+    """A validation accuracy as the console prints every accuracy: percent, with the counts."""
+    n = line["val_n"]
+    return f"{100 * line['val_accuracy']:.1f}% ({round(line['val_accuracy'] * n)}/{n})"
+
+
 def train(cfg: Config, resume: str | None, stop: StopFlag) -> int:
     """The whole run: set-up, the loop, the final test evaluation. Returns the exit code."""
     from tqdm.auto import tqdm
 
     t = Trainer(cfg, resume)
     if t.state["step"] == 0 and cfg.eval_every:
-        t.log({"step": 0, **t.validate(0)})  # the base model's accuracy starts the curve
+        base = t.validate(0)  # the base model's accuracy starts the curve
+        t.log({"step": 0, **base})
+        t.say(f"step 0 (the base model) val {percent(base)}", flush=True)
     stop.armed = True  # from here a signal finishes the step and saves
     recent: list[float] = []
     bar = tqdm(range(t.state["step"] + 1, cfg.steps + 1), initial=t.state["step"], total=cfg.steps, desc=cfg.algo,
@@ -377,10 +392,12 @@ def train(cfg: Config, resume: str | None, stop: StopFlag) -> int:
             t.say(f"  CPU kernels: {cpu.describe(t.model)}")
         recent = (recent + [line["reward_mean"]])[-20:]
         bar.set_postfix(reward=f"{sum(recent) / len(recent):.3f}", val="-" if t.state["best_val"] is None
-                        else f"{line.get('val_accuracy', t.state['best_val']):.3f}")
+                        else f"{100 * line.get('val_accuracy', t.state['best_val']):.1f}%")
         if not sys.stderr.isatty():
             t.say(f"step {step}/{cfg.steps} reward {line['reward_mean']:.3f} loss {line['loss']:.4g}"
-                  + (f" val {line['val_accuracy']:.3f}" if "val_accuracy" in line else ""), flush=True)
+                  + (" (every completion scored alike: no reward signal)" if line["groups_alike"] == cfg.batch_size
+                     * (1 if t.group_parallel else t.world) else "")
+                  + (f" val {percent(line)}" if "val_accuracy" in line else ""), flush=True)
 
         too_bad = t.state["bad_steps"] >= cfg.max_bad_steps  # the same on every rank: it follows all-reduced values
         stopping = dist.any_rank(stop.requested)  # all ranks stop after the same step

@@ -204,3 +204,24 @@ def test_credit_rows_mean_over_steps_with_a_value(tmp_path, capsys):
     assert table["credited pair position, 0 first token to 1 last"] == ["-", "0.5"]
     assert table["replay cuts at or after the answer's first token %"] == ["-", "50"]  # zeros count
     assert table["replay trees with every continuation alike %"] == ["-", "50"]
+
+
+def test_plot_leaves_a_gap_at_zero_gradient_steps_and_marks_them():
+    import math
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tinyrl.plot import draw_norms
+
+    lines = [{"step": s, "grad_norm": g, "grad_norm_l2": 0.0, "delta_w_norm": 1.0, "lora_a_abs": 0.1,
+              "lora_b_abs": 0.01} for s, g in [(1, 0.2), (2, 0.0), (3, 0.0), (4, 0.3)]]
+    fig, (ax_grad, ax_adapter) = plt.subplots(1, 2)
+    draw_norms(ax_grad, ax_adapter, [("run", {}, lines)])
+    drawn = {line.get_label(): line for line in ax_grad.get_lines()}
+    ys = drawn["run: objective"].get_ydata()
+    assert ys[0] == 0.2 and math.isnan(ys[1]) and math.isnan(ys[2]) and ys[3] == 0.3  # no line from 1 to 4
+    assert list(drawn["run: objective 0"].get_xdata()) == [2, 3]
+    assert "run: L2 term" not in drawn  # all zero: nothing to draw on a log scale
+    plt.close(fig)

@@ -175,3 +175,34 @@ def test_eval_bad_numbers(tiny_dir, capsys):
     assert "--n must be >= 1" in in_process(eval_cli.main, ["--task", "mult", "--model", tiny_dir, "--n", "0"], capsys)
     assert "--temperature must be >= 0" in in_process(
         eval_cli.main, ["--task", "mult", "--model", tiny_dir, "--temperature", "-1"], capsys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task", "mult", "--digits", "3y3"], "--digits '3y3'"),
+    (["--task", "mult", "--digits", "1-1x1-2"], "distinct problem"),
+    (["--task", "BROKEN"], "line 2"),
+    (["--task", "mult", "--reward", "no_such_module_here:fn"], "cannot import"),
+    (["--task", "mult", "--model", "./no/such/model"], "does not exist"),
+    (["--task", "mult", "--model", "nothing.gguf"], "does not exist"),
+])
+def test_input_is_checked_before_the_model_loads(tiny_dir, tmp_path, monkeypatch, capsys, flags, message):
+    """Each of these fails at once with its one line as all the screen shows: the model never loads (its loader
+    is replaced by one that fails the test) and no config is printed before the error."""
+    broken = tmp_path / "t.jsonl"
+    broken.write_text('{"question": "1 + 1?", "answer": 2}\n{"question": oops}\n')
+    flags = [str(broken) if f == "BROKEN" else f for f in flags]
+    model = [] if "--model" in flags else ["--model", tiny_dir]
+    for cli in (train, eval_cli):
+        monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    for main, extra in ((train.main, ["--out", str(tmp_path / "run"), *FAST]), (eval_cli.main, ["--n", "2"])):
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: main([*flags, *model, *extra]))
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and message in one_error_line(err) and out == ""
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_checks_the_adapter_before_the_model_loads(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    err = in_process(eval_cli.main, ["--task", "mult", "--model", tiny_dir, "--adapter", str(tmp_path / "x")], capsys)
+    assert "adapter folder" in err

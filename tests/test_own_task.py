@@ -126,7 +126,7 @@ def test_training_and_eval_on_a_jsonl_task_with_a_plug_in_reward(tiny_dir, tmp_p
     assert train.main(["--algo", "sgrpo", "--model", tiny_dir, "--task", data, "--reward", f"{rw}:half",
                        "--out", str(run), *FAST]) == 0
     printed = capsys.readouterr().out
-    assert "t.jsonl: train 14, val 2, test 4" in printed
+    assert "t.jsonl: train 14, val 2 of 2, test 4 of 4" in printed
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["task"] == data and cfg["reward"] == f"{rw}:half" and cfg["lora_rank"] == 16  # SVAMP's preset
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -65,3 +65,15 @@ def test_each_piece_runs_with_only_the_files_porting_lists(piece, tmp_path):
     r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_requirements_agree_with_pyproject():
+    import tomllib
+
+    project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+    lines = lambda name: sorted(line.split("#")[0].strip() for line in open(os.path.join(ROOT, name))  # noqa: E731
+                                if line.split("#")[0].strip())
+    assert lines("requirements.txt") == sorted(project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert lines("requirements-dev.txt") == sorted(d for d in extras["dev"] + extras["gguf"] + extras["plot"] +
+                                                   extras["tensorboard"] if not d.startswith("tinyrl"))

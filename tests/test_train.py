@@ -27,7 +27,9 @@ def test_two_steps_write_every_artifact(tiny_dir, tmp_path, algo, task, capsys):
     run = tmp_path / "run"
     assert train.main(["--algo", algo, "--model", tiny_dir, "--out", str(run), *task_flags(task, tmp_path), *FAST]) == 0
     printed = capsys.readouterr().out
-    assert "group_size        = 3   (paper: " in printed and "lr                = 0.0001" in printed
+    # the screen shows what differs from the paper (|G| here) and not what does not (lr 1e-4); config.json has all
+    assert "group_size        = 3   (paper: " in printed and "\n  lr " not in printed
+    assert "step 0 (the base model) val " in printed and "val 3 of " in printed and "test 3 of " in printed
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["algo"] == algo and cfg["group_size"] == 3 and cfg["lora_rank"] == (8 if task == "mult" else 16)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

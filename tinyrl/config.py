@@ -204,14 +204,17 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str | None]:
 
 
 def describe(cfg: Config) -> str:
-    """The resolved config, one field a line, marking what differs from the paper's preset."""
+    """The fields that differ from the paper's preset (or, where the paper is silent, from tinyrl's default), one
+    a line, each with what it would have been; config.json keeps every field."""
     fixed = ("model", "digits", "temperature", "max_new_tokens", "lr", "batch_size", "dtype")  # same for every pair
-    paper = {**{f.name: f.default for f in dataclasses.fields(Config) if f.name in fixed},
-             **preset(cfg.algo, cfg.task), "lora_alpha": float(cfg.lora_rank)}
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    paper = {**{name: defaults[name] for name in fixed}, **preset(cfg.algo, cfg.task), "lora_alpha": float(cfg.lora_rank)}
     lines = []
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
-        value = repr(value) if isinstance(value, str) and "\n" in value else value  # one field, one line
-        note = f"   (paper: {paper[f.name]})" if f.name in paper and paper[f.name] != value else ""
-        lines.append(f"  {f.name:<17} = {value}{note}")
-    return "\n".join(lines)
+        shown = repr(value) if isinstance(value, str) and "\n" in value else value  # one field, one line
+        if f.name in paper and paper[f.name] != value:
+            lines.append(f"  {f.name:<17} = {shown}   (paper: {paper[f.name]})")
+        elif f.name not in (*paper, "algo", "task", "out") and defaults[f.name] not in (None, value):  # header
+            lines.append(f"  {f.name:<17} = {shown}   (default: {defaults[f.name]})")
+    return "\n".join(lines or ["  the paper's settings for this algorithm and task"])

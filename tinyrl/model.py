@@ -50,10 +50,16 @@ def hub_reachable(timeout: float = 5.0) -> bool:
 def gguf_read_once():
     """Within this block, `gguf.GGUFReader` parses each file once. transformers reads a .gguf's header three
     times for one model (tokenizer, config, weights), and on Qwen2's 151,936-token vocabulary each read takes
-    about as long as de-quantizing every weight; the reader only maps the file, so one can serve all three."""
-    import gguf
+    about as long as de-quantizing every weight; the reader only maps the file, so one can serve all three.
+    transformers' own "Converting and de-quantizing" progress bar (a few seconds, hundreds of lines in a log)
+    is switched off in the block."""
+    import functools
 
-    original, readers = gguf.GGUFReader, {}
+    import gguf
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    original, readers, bar = gguf.GGUFReader, {}, getattr(hf_gguf, "tqdm", None)
 
     def reader(path, mode="r"):
         key = (os.path.abspath(path), mode)
@@ -61,25 +67,32 @@ def gguf_read_once():
             readers[key] = original(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = reader
+    gguf.GGUFReader, hf_gguf.tqdm = reader, functools.partial(tqdm, disable=True)
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader, hf_gguf.tqdm = original, bar
 
 
-def _source(name: str) -> tuple[str, dict, str]:
-    """Where `from_pretrained` finds a model: (folder or hub id, its keyword arguments, a note when offline)."""
-    path, kwargs = os.path.expanduser(name), {}
+def check_model(name: str) -> None:
+    """What can be checked of --model without loading it: a path that exists, and gguf's packages for a .gguf."""
+    path = os.path.expanduser(name)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise UserError(f"model file {name} does not exist")
         missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
         if missing:
             raise UserError(f"loading a .gguf file needs {' and '.join(missing)}: pip install gguf accelerate")
-        path, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     elif not os.path.exists(path) and _looks_like_path(name):
         raise UserError(f"model path {name} does not exist")
+
+
+def _source(name: str) -> tuple[str, dict, str]:
+    """Where `from_pretrained` finds a model: (folder or hub id, its keyword arguments, a note when offline)."""
+    check_model(name)
+    path, kwargs = os.path.expanduser(name), {}
+    if path.endswith(".gguf"):
+        path, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     offline = ""
     if not os.path.exists(path) and not os.environ.get("HF_HUB_OFFLINE") and not hub_reachable():
         kwargs["local_files_only"], offline = True, " (the hub is unreachable from here, so only the local cache was tried)"

@@ -8,6 +8,7 @@ matplotlib is optional; without it this tool says so and exits 2.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from tinyrl.cli import ArgParser, UserError, run_main
@@ -56,9 +57,13 @@ def draw_norms(ax_grad, ax_adapter, runs) -> None:
     for i, (label, _, lines) in enumerate(runs):
         color = f"C{i}"
         for key, style, name in (("grad_norm", "-", "objective"), ("grad_norm_l2", "--", "L2 term")):
-            points = [(m["step"], m[key]) for m in lines if m.get(key)]  # zeros have no place on a log scale
-            if points:
-                ax_grad.plot(*zip(*points), style, color=color, label=f"{label}: {name}")
+            points = [(m["step"], m[key] or math.nan) for m in lines if key in m]  # 0: a gap, not a line through
+            if any(not math.isnan(v) for _, v in points):
+                ax_grad.plot(*zip(*points), style, marker=".", markersize=3, color=color, label=f"{label}: {name}")
+        zero = [m["step"] for m in lines if m.get("grad_norm") == 0]  # no gradient at all: marked on the axis
+        if zero:
+            ax_grad.plot(zero, [0.02] * len(zero), "|", color=color, markersize=8,
+                         transform=ax_grad.get_xaxis_transform(), label=f"{label}: objective 0")
         for key, style, name in (("delta_w_norm", "-", "||ΔW||"), ("lora_a_abs", "--", "mean |A|"),
                                  ("lora_b_abs", ":", "mean |B|")):
             points = [(m["step"], m[key]) for m in lines if m.get(key)]
@@ -66,6 +71,8 @@ def draw_norms(ax_grad, ax_adapter, runs) -> None:
                 ax_adapter.plot(*zip(*points), style, color=color, label=f"{label}: {name}")
     ax_grad.set(xlabel="step", ylabel="gradient norm", yscale="log", title="Gradient norms (step's main update)")
     ax_adapter.set(xlabel="step", ylabel="size", yscale="log", title="Adapter size")
+    for ax in (ax_grad, ax_adapter):  # below the panel, where it covers no line
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
 
 
 def draw_credit(ax, runs, smooth: int) -> None:
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
         rest[-1][1].axis("off")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend_handles_labels()[0] and ax.get_legend() is None:
             ax.legend(fontsize=8)
     fig.tight_layout()
     out = args.out or os.path.join(args.runs[0], "curves.png")

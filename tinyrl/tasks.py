@@ -161,16 +161,23 @@ def distinct_problems(a_range: tuple[int, int], b_range: tuple[int, int]) -> int
     return (a_hi - a_lo + 1) * (b_hi - b_lo + 1) - overlap * (overlap - 1) // 2
 
 
+def mult_ranges(digits: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`parse_digits`, refusing ranges with fewer than 3 distinct problems (one each for train, val and test)."""
+    ranges = parse_digits(digits)
+    distinct = distinct_problems(*ranges)
+    if distinct < 3:
+        raise UserError(f"--digits {digits!r} holds {distinct} distinct problem{'s' * (distinct != 1)}; "
+                        f"at least 3 are needed (one each for training, validation and test)")
+    return ranges
+
+
 def mult_task(tokenizer, digits: str = "3x3", test_n: int = 3000, val_n: int = 500) -> Task:
     """A×B with operands uniform in the digit ranges. Test (fixed seed) and val are never drawn for training.
 
     A pair and its swap count as the same problem. When the ranges hold few problems, test and val
     each take at most a third of them, so a third is always left for training."""
-    (a_lo, a_hi), (b_lo, b_hi) = parse_digits(digits)
+    (a_lo, a_hi), (b_lo, b_hi) = mult_ranges(digits)
     distinct = distinct_problems((a_lo, a_hi), (b_lo, b_hi))
-    if distinct < 3:
-        raise UserError(f"--digits {digits!r} holds {distinct} distinct problem{'s' * (distinct != 1)}; "
-                        f"at least 3 are needed (one each for training, validation and test)")
     test_n, val_n = min(test_n, distinct // 3), min(val_n, distinct // 3)
     draw_pair = lambda rng: (rng.randint(a_lo, a_hi), rng.randint(b_lo, b_hi))  # noqa: E731
     key = lambda a, b: (min(a, b), max(a, b))  # noqa: E731
@@ -320,14 +327,18 @@ def read_jsonl(path: str) -> list[dict]:
     return records
 
 
-def jsonl_task(tokenizer, path: str, val_file: str | None = None, test_file: str | None = None,
-               template: str = PROMPT_TEMPLATE, prompt_mode: str = "plain", reward_fn: Reward | None = None) -> Task:
-    """Problems from JSONL files. Validation and test come from their own files when given; otherwise from a
-    fixed-seed split of `path` (10% and 20%, at least one each); training takes the rest of `path`."""
+def check_prompt(template: str, prompt_mode: str) -> None:
     if "{question}" not in template:
         raise UserError(f"--prompt-template {template!r} has no {{question}} to put the problem in")
     if prompt_mode not in ("plain", "chat"):
         raise UserError(f"--prompt-mode must be plain or chat, got {prompt_mode!r}")
+
+
+def jsonl_task(tokenizer, path: str, val_file: str | None = None, test_file: str | None = None,
+               template: str = PROMPT_TEMPLATE, prompt_mode: str = "plain", reward_fn: Reward | None = None) -> Task:
+    """Problems from JSONL files. Validation and test come from their own files when given; otherwise from a
+    fixed-seed split of `path` (10% and 20%, at least one each); training takes the rest of `path`."""
+    check_prompt(template, prompt_mode)
     main = read_jsonl(path)
     shuffled = random.Random(SPLIT_SEED).sample(main, len(main))
     held = {name: read_jsonl(file) if file else None for name, file in (("val", val_file), ("test", test_file))}
@@ -352,6 +363,25 @@ def jsonl_task(tokenizer, path: str, val_file: str | None = None, test_file: str
     train = [problem(r) for r in main if r["id"] in train_ids]
     return Task(os.path.basename(path), train, [problem(r) for r in held["val"]], [problem(r) for r in held["test"]],
                 reward_fn or Reward())
+
+
+def check_task(name: str, digits: str = "3x3", svamp_file: str | None = None,
+               svamp_sha256: str | None = SVAMP_SHA256, val_file: str | None = None, test_file: str | None = None,
+               prompt_template: str = PROMPT_TEMPLATE, prompt_mode: str = "plain", reward: str | None = None) -> None:
+    """The checks of `load_task` that need no tokenizer (files, digits, prompt, reward plug-in), so that bad
+    input fails in a second, before a model loads."""
+    load_reward(reward)
+    if name.endswith(".jsonl"):
+        check_prompt(prompt_template, prompt_mode)
+        for path in (name, val_file, test_file):
+            if path:
+                read_jsonl(path)
+    elif name == "mult":
+        mult_ranges(digits)
+    elif name == "svamp":
+        svamp_records(svamp_file, svamp_sha256)
+    else:
+        raise UserError(f"unknown task {name!r}; choose mult, svamp or a FILE.jsonl")
 
 
 def load_task(name: str, tokenizer, digits: str = "3x3", svamp_file: str | None = None,
