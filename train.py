@@ -26,7 +26,8 @@ from tinyrl.cli import UserError, run_main
 from tinyrl.config import Config, describe, parse_config
 from tinyrl.evaluate import evaluate
 from tinyrl.memory import cost_note
-from tinyrl.lora import adapter_digest, adapter_norms, inject_lora, load_adapter, lora_parameters, save_adapter
+from tinyrl.lora import (adapter_digest, adapter_norms, inject_lora, load_adapter, lora_parameters, parse_targets,
+                         save_adapter)
 from tinyrl.model import check_model, eos_ids, load_model, pad_id
 from tinyrl.objectives import PrefixTree, group_advantages, sgrpo_select
 from tinyrl.replay import Episode, ReplayBuffer, replay_rewards
@@ -104,7 +105,8 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # LoRA's A init
-        wrapped = inject_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_fraction)
+        wrapped = inject_lora(self.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_fraction,
+                              parse_targets(cfg.lora_targets))
         self.params = lora_parameters(self.model)
         # lam acts in the loss (l2_gradient, each step) or as AdamW's decoupled decay; beta is in the loss
         self.optimizer, self.lam_in_loss = make_optimizer(self.params, cfg.lr, cfg.lam, cfg.lam_mode)
@@ -118,8 +120,9 @@ class Trainer:
         n_test = "none" if cfg.test_n == 0 else f"{len(test[: cfg.test_n])} of {len(test)}"
         self.say(f"  device {self.device}; LoRA on {len(wrapped)} modules of layers "
                  f"{sorted({int(n.split('.')[2]) for n in wrapped})}; {sum(p.numel() for p in self.params):,} "
-                 f"trainable weights; {self.task.name}: train {n_train}, val {len(val[: cfg.eval_n])} of "
-                 f"{len(val)}, test {n_test}; EOS ids {self.eos}")
+                 f"trainable weights; {self.task.name}: train {n_train}, val "
+                 f"{f'{len(val[: cfg.eval_n])} of {len(val)}' if cfg.eval_every else 'none'}, test {n_test}; "
+                 f"EOS ids {self.eos}")
 
         # every random stream is its own and is saved in each checkpoint, so a resumed run repeats exactly;
         # the others are the same on every rank, the sampler's is per rank
@@ -146,6 +149,7 @@ class Trainer:
         self.group_parallel = cfg.parallel == "group"
         self.shard = (self.rank, self.world) if self.group_parallel else (0, 1)
         self.scale = 1 / (cfg.batch_size * (1 if self.group_parallel else self.world))
+        self.score_t = cfg.temperature if cfg.score_temperature else 1.0  # the update's log pi: logits / score_t
 
     def restore(self, ckpt: str) -> None:
         saved, rng = load_checkpoint(ckpt, self.model, self.optimizer)
@@ -205,7 +209,8 @@ class Trainer:
         completions, rewards and credited pairs join this step's records (`tinyrl.credit`), with `about` it."""
         tree, pairs = PrefixTree(completions, rewards), []
         stats = tspmo_backward(self.model, prompt_ids, completions, tree, self.pad, self.cfg.log_prob,
-                               self.cfg.max_batch_tokens, scale=scale, shard=shard, pairs=pairs)
+                               self.cfg.max_batch_tokens, scale=scale, shard=shard, pairs=pairs,
+                               temperature=self.score_t)
         self.trees.append({**about, "completions": completions, "rewards": rewards, "pairs": dist.gather(pairs)})
         return stats
 
@@ -217,7 +222,8 @@ class Trainer:
                                                                                  self.select_gen)
                      for c in completions]
         return grpo_backward(self.model, prompt_ids, completions, advantages, positions, cfg.beta, self.pad,
-                             cfg.clip_eps, cfg.max_batch_tokens, scale=self.scale, shard=self.shard)
+                             cfg.clip_eps, cfg.max_batch_tokens, scale=self.scale, shard=self.shard,
+                             temperature=self.score_t)
 
     def optimizer_step(self, loss: float) -> tuple[bool, dict]:
         """Sum the ranks' gradients (each loss carries the global 1/|G| or 1/|U|), add the L2 term's gradient under

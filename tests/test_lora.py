@@ -156,3 +156,42 @@ def test_mismatched_adapter_is_refused(tiny, tiny_dir, tmp_path):
     fresh, _ = load_model(tiny_dir, device="cpu")
     with pytest.raises(UserError, match="cannot read"):
         load_adapter(fresh, str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("spec", ["q,v", "k,o,down", "all-linear"])
+def test_targets_match_peft_own_lora(tiny_dir, tmp_path, spec):
+    """PEFT's own LoRA on the same projections (all-linear: PEFT's own "all-linear") has the same modules, and
+    ours computes its logits from its adapter; PEFT computes ours from the adapter we save."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from tinyrl.lora import parse_targets
+    from tinyrl.model import load_model
+
+    targets, every = parse_targets(spec), spec == "all-linear"  # PEFT's "all-linear" takes every layer
+    layers = [0, 1, 2, 3] if every else [2, 3]
+    theirs = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear" if every else list(targets),
+        layers_to_transform=None if every else layers, init_lora_weights=False))  # random A and B: a change
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    ours, _ = load_model(tiny_dir, device="cpu")
+    names = load_adapter(ours, str(tmp_path / "peft"))
+    assert sorted({n.rsplit(".", 1)[1] for n in names}) == sorted(targets)
+    assert torch.allclose(logits(ours), logits(theirs), atol=1e-5)
+    fresh, _ = load_model(tiny_dir, device="cpu")
+    inject_lora(fresh, rank=4, alpha=8, layers=layers, targets=targets)
+    randomize_b(fresh)
+    save_adapter(fresh, str(tmp_path / "ours"), tiny_dir)
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["target_modules"] == sorted(targets)
+    ref = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(tmp_path / "ours"))
+    assert torch.allclose(logits(ref), logits(fresh), atol=1e-5)
+
+
+def test_target_names():
+    from tinyrl.lora import parse_targets
+
+    assert parse_targets("q,v") == ("q_proj", "v_proj") == parse_targets(" v , q ")
+    assert parse_targets("all-linear") == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for bad in ("", "q,x", "lm_head"):
+        with pytest.raises(UserError, match="--lora-targets"):
+            parse_targets(bad)

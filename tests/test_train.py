@@ -114,3 +114,22 @@ def test_replay_logs_a_gradient_exactly_when_its_tree_has_credit(tiny_dir, tmp_p
     replayed = [m for m in lines if m.get("replay_updates")]
     assert replayed and any(m["replay_nonzero_pairs"] for m in replayed)
     assert all((m["replay_grad_norm"] > 0) == (m["replay_nonzero_pairs"] > 0) for m in replayed)
+
+
+def test_lora_targets_and_score_temperature_are_kept_by_the_run(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    flags = ["--algo", "sgrpo", "--task", "mult", "--model", tiny_dir, "--out", str(run), "--group-size", "3",
+             "--max-new-tokens", "6", "--eval-every", "0", "--test-n", "0", "--lora-targets", "all-linear",
+             "--score-temperature"]
+    assert train.main([*flags, "--steps", "1"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["lora_targets"] == "all-linear" and cfg["score_temperature"] is True
+    adapter = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"])
+    with pytest.raises(Exception, match="differ from the run"):
+        train.main(["--resume", str(run), "--steps", "2", "--lora-targets", "q,v"])
+    assert train.main(["--resume", str(run), "--steps", "2"]) == 0  # keeps all-linear: its checkpoint loads
+    r = subprocess.run([sys.executable, "eval.py", "--adapter", str(run / "final"), "--n", "2"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr  # the adapter's config names its targets

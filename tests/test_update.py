@@ -148,7 +148,7 @@ def zero(model):
         p.grad = None
 
 
-def backward_once(model, algo, full_logits=False) -> tuple[float, list[torch.Tensor]]:
+def backward_once(model, algo, full_logits=False, **kw) -> tuple[float, list[torch.Tensor]]:
     """One update of `algo` on a fixed group with shared prefixes: (loss, LoRA gradients)."""
     g = torch.Generator().manual_seed(1)
     completions = [torch.randint(3, 299, (n,), generator=g).tolist() for n in (9, 4, 12, 7)]
@@ -157,13 +157,13 @@ def backward_once(model, algo, full_logits=False) -> tuple[float, list[torch.Ten
     zero(model)
     if algo == "tspmo":
         stats = tspmo_backward(model, PROMPT, completions, PrefixTree(completions, rewards), 0,
-                               max_batch_tokens=30, full_logits=full_logits)
+                               max_batch_tokens=30, full_logits=full_logits, **kw)
     else:
         sel = torch.Generator().manual_seed(0)
         positions = [list(range(len(c))) if algo == "grpo" else sgrpo_select(len(c), 2, 4, 0.5, sel)
                      for c in completions]
         stats = grpo_backward(model, PROMPT, completions, group_advantages(torch.tensor(rewards)), positions,
-                              0.01, 0, max_batch_tokens=30, full_logits=full_logits)
+                              0.01, 0, max_batch_tokens=30, full_logits=full_logits, **kw)
     return stats["loss"], grads(model)
 
 
@@ -238,3 +238,66 @@ def test_pack_respects_the_token_budget():
         assert min(lengths[i] for i in b) >= 0.75 * max(lengths[i] for i in b)  # padding wastes <= 1/4
     assert pack(lengths, None) == [[4, 1], [2, 0, 3]]
     assert pack({0: 10, 1: 10, 2: 10}, None) == [[0, 1, 2]]
+
+
+def tempered_logprobs(model, completions, positions, temperature):
+    """log softmax(logits / T) of each selected token, from one full forward per completion (with grad)."""
+    out = []
+    for y, ts in zip(completions, positions):
+        logp = (model(torch.tensor([PROMPT + y])).logits[0].float() / temperature).log_softmax(-1)
+        out += [logp[len(PROMPT) - 1 + t, y[t]] for t in ts]
+    return torch.stack(out)
+
+
+def test_selected_logprobs_at_a_temperature_equal_tempered_log_softmax(model):
+    completions, positions = [[5, 6, 7, 8], [9, 10]], [[0, 3], [1]]
+    for t in (0.3, 2.0):
+        got = selected_logprobs(model, PROMPT, completions, positions, pad_id=0, temperature=t)
+        with torch.no_grad():
+            assert torch.allclose(got, tempered_logprobs(model, completions, positions, t), atol=1e-5)
+    assert not torch.allclose(got, selected_logprobs(model, PROMPT, completions, positions, pad_id=0), atol=1e-3)
+
+
+def test_tspmo_pi_is_the_tempered_policy(model):
+    completions = [[5, 6, 7], [5, 8, 9], [11, 12]]
+    tree, pairs, t = PrefixTree(completions, [1.0, 0.0, 1.0]), [], 0.3
+    zero(model)
+    stats = tspmo_backward(model, PROMPT, completions, tree, 0, pairs=pairs, temperature=t)
+    logp = tempered_logprobs(model, [completions[i] for i, *_ in pairs], [[p[1]] for p in pairs], t)
+    assert [p[3] for p in pairs] == pytest.approx(logp.exp().tolist(), rel=1e-5)
+    want = grads(model)
+    zero(model)
+    loss, _ = tspmo_loss(logp, torch.tensor([p[2] for p in pairs]), len(tree))  # Eq. (10) on tempered pi
+    loss.backward()
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(want, grads(model)))
+
+
+def test_grpo_policy_and_kl_terms_use_the_tempered_policy(model):
+    from tinyrl.lora import disable_lora
+    from tinyrl.objectives import grpo_loss
+
+    completions, t, beta = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], 0.3, 0.5
+    positions = [list(range(len(c))) for c in completions]
+    advantages = group_advantages(torch.tensor([1.0, 0.0, 1.0]))
+    zero(model)
+    stats = grpo_backward(model, PROMPT, completions, advantages, positions, beta, 0, temperature=t)
+    want = grads(model)
+    zero(model)
+    rows = lambda x: torch.nn.utils.rnn.pad_sequence(x.split([len(p) for p in positions]), batch_first=True)  # noqa
+    with torch.no_grad(), disable_lora(model):
+        ref = tempered_logprobs(model, completions, positions, t)
+    mask = rows(torch.ones(sum(map(len, positions))))
+    loss, st = grpo_loss(rows(tempered_logprobs(model, completions, positions, t)), rows(ref), advantages, mask, beta)
+    loss.backward()
+    assert stats["loss"] == pytest.approx(loss.item(), rel=1e-5) and stats["kl"] == pytest.approx(st["kl"], rel=1e-4)
+    assert st["kl"] > 0  # the adapter is on: the KL term is not vacuous
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(want, grads(model)))
+
+
+@pytest.mark.parametrize("algo", ["grpo", "tspmo"])
+def test_temperature_one_is_the_untempered_update(model, algo):
+    (loss_off, g_off), (loss_one, g_one) = backward_once(model, algo), backward_once(model, algo, temperature=1.0)
+    assert loss_off == loss_one and all(torch.equal(a, b) for a, b in zip(g_off, g_one))
+    loss_t, _ = backward_once(model, algo, temperature=0.3)
+    assert loss_t != pytest.approx(loss_off, rel=1e-3)  # the temperature does act

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from tinyrl.cli import ArgParser, UserError
+from tinyrl.lora import parse_targets
 from tinyrl.tasks import PROMPT_TEMPLATE, SVAMP_SHA256
 
 
@@ -40,11 +41,16 @@ class Config:
     # LoRA
     lora_rank: int = F(None, "r (paper: 8 mult, 16 svamp)")
     lora_alpha: float | None = F(None, "LoRA alpha; default = rank, i.e. scaling 1 (paper silent; docs/design.md)")
-    lora_fraction: float = F(None, "adapt q/v of the last fraction of layers (paper: 1/4 mult, 1/3 svamp)")
+    lora_fraction: float = F(None, "adapt the last fraction of layers (paper: 1/4 mult, 1/3 svamp)")
+    lora_targets: str = F("q,v", "projections to adapt in those layers: any of q,k,v,o,gate,up,down, or all-linear "
+                                 "(paper: q,v)")
     # sampling
     group_size: int = F(None, "|G| completions per prompt (paper: 8 GRPO/S-GRPO, 50 T-SPMO)")
     temperature: float = F(0.3, "sampling temperature (paper: 0.3)")
     max_new_tokens: int = F(300, "completion length limit (paper: 300)")
+    score_temperature: bool = F(False, "score completions under the policy they were sampled from, softmax(logits / "
+                                       "temperature), in every log-probability of the update (as TRL and verl); "
+                                       "default: softmax(logits) (paper silent; docs/design.md)")
     # objectives
     alpha: int = F(None, "S-GRPO: the first alpha tokens always count (paper: 50 mult, 100 svamp)")
     k: int = F(None, "S-GRPO: at most k tokens count (paper: 100)")
@@ -124,6 +130,7 @@ def _check(cfg: Config) -> None:
         ("lora_rank", cfg.lora_rank >= 1, ">= 1"),
         ("lora_fraction", 0 < cfg.lora_fraction <= 1, "in (0, 1]"),
         ("temperature", cfg.temperature >= 0, ">= 0"),
+        ("temperature", cfg.temperature > 0 or not cfg.score_temperature, "> 0 with --score-temperature"),
         ("max_new_tokens", cfg.max_new_tokens >= 1, ">= 1"),
         ("steps", cfg.steps >= 1, ">= 1"),
         ("alpha", cfg.alpha >= 0, ">= 0"),
@@ -150,6 +157,7 @@ def _check(cfg: Config) -> None:
     for name, ok, need in rules:
         if not ok:
             raise UserError(f"--{name.replace('_', '-')} must be {need}, got {getattr(cfg, name)}")
+    parse_targets(cfg.lora_targets)
 
 
 def _parser() -> ArgParser:
@@ -206,7 +214,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str | None]:
 def describe(cfg: Config) -> str:
     """The fields that differ from the paper's preset (or, where the paper is silent, from tinyrl's default), one
     a line, each with what it would have been; config.json keeps every field."""
-    fixed = ("model", "digits", "temperature", "max_new_tokens", "lr", "batch_size", "dtype")  # same for every pair
+    fixed = ("model", "digits", "lora_targets", "temperature", "max_new_tokens", "lr", "batch_size",
+             "dtype")  # the paper's for every pair
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     paper = {**{name: defaults[name] for name in fixed}, **preset(cfg.algo, cfg.task), "lora_alpha": float(cfg.lora_rank)}
     lines = []

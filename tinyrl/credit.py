@@ -202,7 +202,8 @@ def describe_tree(reading: Reading) -> str:
         lines.append(f"  {len(points)} branch points; every completion scored "
                      f"{reading.record['rewards'][0]:g}, so every A is 0: no credit, no gradient")
         return "\n".join(lines)
-    lines.append(f"  {len(points)} branch points (t = position of the competing tokens):")
+    lines.append(f"  {len(points)} branch points (t = position of the competing tokens"
+                 f"{', counted from the cut' if reading.replay else ''}):")
     for node in points:
         lines.append(f"    t={reading.depth(node)} after {_show(reading.prefix_text(node))}  "
                      f"E[R|p]={tree.expected_reward(node):.3f} over {tree.count[node]}")

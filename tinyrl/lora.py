@@ -1,8 +1,9 @@
-"""Hand-written LoRA on the q/v projections of the last decoder layers (Hu et al. 2021).
+"""Hand-written LoRA on the q/v projections of the last decoder layers (Hu et al. 2021), or on others.
 
     h = W0·x + (alpha / r) · B·A·x        A: (r, in) Kaiming-uniform,  B: (out, r) zeros
 
-The paper adapts the last 1/4 (mult, r=8) or 1/3 (SVAMP, r=16) of the layers. The reference
+The paper adapts q and v of the last 1/4 (mult, r=8) or 1/3 (SVAMP, r=16) of the layers; `parse_targets`
+names the other projections (k, o and the MLP's gate, up, down, or all-linear). The reference
 policy pi_ref is the same model with the adapters switched off (`disable_lora`): no second copy.
 Adapters are saved in PEFT's on-disk layout, so PEFT and vLLM can load them, without PEFT.
 """
@@ -47,6 +48,20 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+
+TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+           "down": "down_proj"}  # --lora-targets names -> the projections of a Qwen2/Llama decoder layer
+
+
+def parse_targets(spec: str) -> tuple[str, ...]:
+    """"q,v" (the paper) -> ("q_proj", "v_proj"); "all-linear" -> every projection of a layer, MLP included (as
+    PEFT's target_modules="all-linear", which leaves the LM head out)."""
+    names = list(TARGETS) if spec.strip() == "all-linear" else [x.strip() for x in spec.split(",") if x.strip()]
+    unknown = [x for x in names if x not in TARGETS]
+    if unknown or not names:
+        raise UserError(f"--lora-targets {spec!r}: choose from {', '.join(TARGETS)} (comma-separated) or all-linear")
+    return tuple(TARGETS[x] for x in TARGETS if x in names)  # a fixed order, whatever order they were given in
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -215,6 +230,8 @@ def load_adapter(model: nn.Module, path: str) -> list[str]:
 
     cfg = read_adapter_config(path)
     base = cfg.get("base_model_name_or_path") or "an unnamed base model"
+    if cfg["layers_to_transform"] is None:  # PEFT's way of saying every layer
+        cfg["layers_to_transform"] = list(range(len(decoder_layers(model)[1])))
     if not lora_modules(model):
         inject_lora(model, cfg["r"], cfg["lora_alpha"], targets=tuple(cfg["target_modules"]),
                     layers=cfg["layers_to_transform"])

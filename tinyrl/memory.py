@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 from tinyrl.cli import ArgParser, UserError, run_main
+from tinyrl.lora import parse_targets
 
 GiB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -87,7 +88,8 @@ def load_shape(model: str) -> Shape:
 
 def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, lora_fraction: float,
             dtype: str = "float32", chunk_size: int | None = None, max_batch_tokens: int = 8192,
-            prompt_tokens: int = PROMPT_TOKENS, device: str = "cuda", packed: bool | None = None) -> dict[str, float]:
+            prompt_tokens: int = PROMPT_TOKENS, device: str = "cuda", packed: bool | None = None,
+            lora_targets: tuple[str, ...] = ("q_proj", "v_proj")) -> dict[str, float]:
     """Bytes of each item and the peak of each phase (the algorithm enters through group_size only).
 
     packed: count oneDNN's packed weights (CPU only; default: on a CPU, the most the kernels can take)."""
@@ -96,7 +98,10 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
     q, kv = shape.num_attention_heads * shape.head_dim, shape.num_key_value_heads * shape.head_dim
     n_lora = max(1, round(lora_fraction * L))
     weights = shape.params() * b
-    lora_params = n_lora * lora_rank * ((H + q) + (H + kv))  # A and B of q_proj and v_proj
+    # each projection: (input, output) size, and which input it reads (projections that share one share it)
+    proj = {"q_proj": (H, q, "attn"), "k_proj": (H, kv, "attn"), "v_proj": (H, kv, "attn"), "o_proj": (q, H, "o"),
+            "gate_proj": (H, I, "mlp"), "up_proj": (H, I, "mlp"), "down_proj": (I, H, "down")}
+    lora_params = n_lora * lora_rank * sum(proj[t][0] + proj[t][1] for t in lora_targets)  # A and B of each
     lora_state = lora_params * 4 * 4  # float32 in any dtype: weights, gradients, two AdamW moments
 
     seq = prompt_tokens + max_new_tokens
@@ -114,10 +119,13 @@ def predict(shape: Shape, group_size: int, max_new_tokens: int, lora_rank: int, 
     tokens = min(max(1, max_batch_tokens // seq), group_size) * seq  # rows of one forward pass x their length
     # saved per token in a LoRA layer (counted with torch.autograd.graph.saved_tensors_hooks): the two norm
     # inputs (2H), q and the attention output (2q), k and v (2kv), gate, up, SiLU(gate) (3I); and, in float32
-    # whatever the dtype, the two rank-r products and the LoRA input: the norm output itself in a float32
-    # model, else one float32 copy of it per adapted projection (q and v)
-    lora_inputs = H if b == 4 else 2 * H
-    saved_per_token = (2 * H + 2 * q + 2 * kv + 3 * I) * b + (lora_inputs + 2 * lora_rank) * 4
+    # whatever the dtype, a rank-r product per adapted projection and the LoRA inputs: in a float32 model each
+    # input once (the attention's own output is saved already), else one float32 copy per adapted projection.
+    # Measured for q and v only (docs/performance.md); the other projections follow the same rule.
+    inputs = {"attn": H, "o": 0, "mlp": H, "down": I}
+    lora_inputs = sum(inputs[k] for k in {proj[t][2] for t in lora_targets}) if b == 4 else \
+        sum(proj[t][0] for t in lora_targets)
+    saved_per_token = (2 * H + 2 * q + 2 * kv + 3 * I) * b + (lora_inputs + len(lora_targets) * lora_rank) * 4
     activations = n_lora * saved_per_token * tokens
     transient = tokens * (3 * I + 2 * H) * b  # one layer's working tensors (and its gradients in backward)
     head = HEAD_CHUNK * V * 4 * 4  # one chunk's recomputed logits, exp inside logsumexp, softmax, logits' gradient
@@ -152,7 +160,7 @@ def cost_note(cfg) -> str | None:
     P = shape.params()
     dtype = "float32" if cfg.dtype == "auto" else cfg.dtype  # auto is measured once the model loads: plan for more
     est = predict(shape, cfg.group_size, cfg.max_new_tokens, cfg.lora_rank, cfg.lora_fraction, dtype,
-                  cfg.chunk_size, cfg.max_batch_tokens, device="cpu")
+                  cfg.chunk_size, cfg.max_batch_tokens, device="cpu", lora_targets=parse_targets(cfg.lora_targets))
     tokens = cfg.group_size * cfg.max_new_tokens * cfg.batch_size * (1 + cfg.replay_success + cfg.replay_failure)
     flops = tokens * 2 * P * (1 + 2 * cfg.lora_fraction + (cfg.beta > 0))  # sample, update through LoRA, reference
     seconds = flops / (100e9 * torch.get_num_threads())
@@ -177,6 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--lora-rank", type=int)
     p.add_argument("--lora-fraction", type=float)
+    p.add_argument("--lora-targets", default="q,v", help="any of q,k,v,o,gate,up,down, or all-linear (paper: q,v)")
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--dtype", default="float32", choices=list(BYTES))
@@ -187,7 +196,8 @@ def main(argv=None) -> int:
     paper = preset(args.algo, args.task)
     kw = dict(group_size=args.group_size or paper["group_size"], max_new_tokens=args.max_new_tokens,
               lora_rank=args.lora_rank or paper["lora_rank"], lora_fraction=args.lora_fraction or paper["lora_fraction"],
-              dtype=args.dtype, chunk_size=args.chunk_size, max_batch_tokens=args.max_batch_tokens, device=args.device)
+              dtype=args.dtype, chunk_size=args.chunk_size, max_batch_tokens=args.max_batch_tokens, device=args.device,
+              lora_targets=parse_targets(args.lora_targets))
     shape = load_shape(args.model)
     est = predict(shape, **kw)
     if args.json:
@@ -195,8 +205,8 @@ def main(argv=None) -> int:
         return 0
     g = lambda x: f"{x / GiB:7.2f} GiB"  # noqa: E731
     print(f"{args.model}: {shape.params() / 1e9:.2f}B parameters, {args.dtype}; {args.algo} on {args.task}, "
-          f"|G|={kw['group_size']}, {args.max_new_tokens} new tokens, LoRA r={kw['lora_rank']} on the last "
-          f"{max(1, round(kw['lora_fraction'] * shape.num_hidden_layers))} layers")
+          f"|G|={kw['group_size']}, {args.max_new_tokens} new tokens, LoRA r={kw['lora_rank']} on "
+          f"{args.lora_targets} of the last {max(1, round(kw['lora_fraction'] * shape.num_hidden_layers))} layers")
     print(f"  weights                         {g(est['weights'])}")
     print(f"  LoRA weights + grads + AdamW    {g(est['lora_state'])}")
     print(f"  sampling: KV cache ({est['rows']} rows)    {g(est['kv_cache'])}")

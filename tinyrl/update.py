@@ -26,8 +26,9 @@ from tinyrl.lora import disable_lora
 from tinyrl.objectives import PrefixTree, grpo_loss, tspmo_loss
 
 
-def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    logits = head(hidden).float()  # (n, V): one chunk only
+def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+                   temperature: float = 1.0) -> torch.Tensor:
+    logits = head(hidden).float() / temperature  # (n, V): one chunk only
     return logits.gather(-1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -39,8 +40,10 @@ def selected_logprobs(
     pad_id: int,
     head_chunk: int = 256,
     full_logits: bool = False,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """log pi(y_i[t] | prompt, y_i[:t]) for every t in positions[i], flattened in (i, t) order: (N,).
+    """log pi(y_i[t] | prompt, y_i[:t]) for every t in positions[i], flattened in (i, t) order: (N,); pi is
+    softmax(logits / temperature), the untempered policy at the default 1 (`--score-temperature`).
 
     Row i is prompt + y_i[:max t]: the last target itself is never fed in. Rows are right-padded,
     which a causal model needs no mask for. full_logits=True is the naive reference that builds
@@ -53,7 +56,7 @@ def selected_logprobs(
     cols = torch.cat([torch.as_tensor(ts, device=device) + P - 1 for ts in positions])  # logits at P-1+t predict y[t]
     targets = torch.cat([torch.as_tensor([y[t] for t in ts], device=device) for y, ts in zip(completions, positions)])
     if full_logits:
-        logits = model(input_ids=input_ids).logits.float()  # (B, S, V): what the selective path avoids
+        logits = model(input_ids=input_ids).logits.float() / temperature  # (B, S, V): what the selective path avoids
         return logits.log_softmax(-1)[rows, cols].gather(-1, targets[:, None]).squeeze(1)
     hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (B, S, H)
     picked = hidden[rows, cols]  # (N, H)
@@ -61,9 +64,9 @@ def selected_logprobs(
     out = []
     for h, tgt in zip(picked.split(head_chunk), targets.split(head_chunk)):
         if torch.is_grad_enabled():  # keep only (n, H) for backward; the (n, V) chunk is recomputed
-            out.append(checkpoint(_head_logprobs, h, tgt, head, use_reentrant=False))
+            out.append(checkpoint(_head_logprobs, h, tgt, head, temperature, use_reentrant=False))
         else:
-            out.append(_head_logprobs(h, tgt, head))
+            out.append(_head_logprobs(h, tgt, head, temperature))
     return torch.cat(out)
 
 
@@ -113,10 +116,12 @@ def grpo_backward(
     scale: float = 1.0,
     shard: tuple[int, int] = (0, 1),
     full_logits: bool = False,
+    temperature: float = 1.0,
 ) -> dict:
     """Backpropagate GRPO / S-GRPO (Eq. 3 / 5) for one group; positions[i] are the tokens T_i of completion i.
 
-    Each completion's loss is divided by |G| (Algorithm 2), times `scale` (1/prompts per step)."""
+    Each completion's loss is divided by |G| (Algorithm 2), times `scale` (1/prompts per step). Both the policy's
+    and the reference's log-probabilities come from logits / temperature."""
     G, (rank, world) = len(completions), shard
     # DEVIATION: Algorithm 2 runs one forward+backward per completion; we pack completions into passes under
     # max_batch_tokens (a budget of one completion is Algorithm 2). The gradient is the same sum either way.
@@ -125,11 +130,11 @@ def grpo_backward(
     with update_kernels(model):
         for batch in pack(mine, max_batch_tokens):
             args = (prompt_ids, [completions[i] for i in batch], [positions[i] for i in batch], pad_id)
-            logp = selected_logprobs(model, *args, full_logits=full_logits)
+            logp = selected_logprobs(model, *args, full_logits=full_logits, temperature=temperature)
             logp_ref = None
             if beta > 0:
                 with torch.no_grad(), disable_lora(model):
-                    logp_ref = selected_logprobs(model, *args, full_logits=full_logits)
+                    logp_ref = selected_logprobs(model, *args, full_logits=full_logits, temperature=temperature)
             counts = [len(positions[i]) for i in batch]
             as_rows = lambda x: pad_sequence(x.split(counts), batch_first=True)  # (B, K)  # noqa: E731
             mask = as_rows(torch.ones_like(logp))
@@ -179,6 +184,7 @@ def tspmo_backward(
     shard: tuple[int, int] = (0, 1),
     full_logits: bool = False,
     pairs: list | None = None,
+    temperature: float = 1.0,
 ) -> dict:
     """Backpropagate T-SPMO's policy term of Eq. (10) for one prefix tree: one forward per completion that owns
     needed pairs. Eq. (10)'s λ·Σ||W||² acts once per optimizer step, after every gradient is in (`l2_gradient`).
@@ -192,7 +198,8 @@ def tspmo_backward(
     with update_kernels(model):
         for batch in pack(mine, max_batch_tokens):  # none when no pair has A != 0: no policy gradient
             logp = selected_logprobs(model, prompt_ids, [completions[i] for i in batch],
-                                     [positions[i] for i in batch], pad_id, full_logits=full_logits)
+                                     [positions[i] for i in batch], pad_id, full_logits=full_logits,
+                                     temperature=temperature)  # pi(v|p) of Eq. (10), from logits / temperature
             adv = torch.tensor([a for i in batch for a in advantages[i]], device=device)
             loss, _ = tspmo_loss(logp, adv, num_pairs, log_prob=log_prob)
             if pairs is not None:
