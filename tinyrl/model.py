@@ -74,8 +74,60 @@ def gguf_read_once():
         gguf.GGUFReader, hf_gguf.tqdm = original, bar
 
 
+RANDOM = "random:"  # --model random:Qwen/Qwen2-1.5B: that config with random weights (`random_model`)
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def char_tokenizer(vocab_size: int):
+    """A tokenizer that needs no file: Qwen2's three special tokens, one token per printable ASCII character,
+    and `<N>` for every other id up to vocab_size, so any sampled id decodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    vocab.update({f"<{i}>": i for i in range(len(vocab), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # every character is a token
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=specials[0], pad_token=specials[0],
+                                   additional_special_tokens=specials[1:], chat_template=CHAT_TEMPLATE)
+
+
+def random_model(name: str, dtype: str, device: torch.device):
+    """(model, tokenizer) for `random:NAME`: a causal LM with random weights (seed 0) built from a config alone,
+    NAME one that `tinyrl.memory` knows offline (Qwen/Qwen2-0.5B, Qwen/Qwen2-1.5B, Qwen/Qwen2-7B) or a folder
+    holding a config.json, with `char_tokenizer`. Nothing is downloaded: it measures speed and memory at a
+    model's real shapes on new hardware (bench/gpu_check.py). Its completions are noise."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+
+    from tinyrl.memory import KNOWN
+
+    if os.path.isdir(name):
+        config = AutoConfig.from_pretrained(name)
+    else:
+        config = Qwen2Config(**{k: v for k, v in KNOWN[name].items() if k != "bias"}, max_position_embeddings=32768)
+    if dtype in ("auto", "bfloat16"):
+        from tinyrl.cpu import pick_dtype
+
+        dtype, _ = pick_dtype(config, dtype, device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.generation_config.eos_token_id = [0, 2]
+    return model, char_tokenizer(config.vocab_size)
+
+
 def check_model(name: str) -> None:
     """What can be checked of --model without loading it: a path that exists, and gguf's packages for a .gguf."""
+    if name.startswith(RANDOM):
+        from tinyrl.memory import KNOWN
+
+        if not (name[len(RANDOM):] in KNOWN or os.path.isdir(name[len(RANDOM):])):
+            raise UserError(f"--model {name}: after random: give one of {', '.join(KNOWN)} or a folder with a "
+                            f"config.json")
+        return
     path = os.path.expanduser(name)
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -125,6 +177,10 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
     if dtype not in (*DTYPES, "auto"):
         raise UserError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
     dev = pick_device(device)
+    if name.startswith(RANDOM):
+        check_model(name)
+        model, tokenizer = random_model(name[len(RANDOM):], dtype, dev)
+        return _frozen(model.to(dev)), tokenizer
     path, kwargs, offline = _source(name)
     model_kwargs: dict = {}
     if "gguf_file" in kwargs:
@@ -149,12 +205,16 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
         raise UserError(
             f"could not load model {name!r} ({where}): {first}{offline}. Pass a local folder or .gguf file with --model"
         ) from None
-    model.to(dev).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     if not eos_ids(model, tokenizer):
         raise UserError(f"the tokenizer of {name} has no EOS token, so completions could never end")
-    return model, tokenizer
+    return _frozen(model.to(dev)), tokenizer
+
+
+def _frozen(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def eos_ids(model, tokenizer) -> list[int]:
