@@ -203,3 +203,24 @@ def test_run_without_records_is_one_line_exit_2(tiny_dir, tmp_path):
     r = subprocess.run([sys.executable, "-m", "tinyrl.credit", str(run), "--step", "9"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not recorded" in r.stderr
+
+
+def test_where_a_token_sits_by_hand(tokenizer):
+    text = "12 * 3 = 30 + 6 = 36, so 36."
+    ids = tokenizer.encode(text) + [tokenizer.eos_token_id]
+    record = {"kind": "fresh", "problem": "12x3", "answer": 36, "prompt_ids": [], "completions": [ids],
+              "rewards": [1.0], "pairs": []}
+    reading = credit.Reading(record, tokenizer)
+    texts = reading.texts[0]
+    kinds = {}
+    for t, piece in enumerate(texts):
+        kinds.setdefault(piece, []).append(reading.kind(0, t))
+    assert "".join(texts) == text
+    starts = [len("".join(texts[:t])) for t in range(len(texts))]
+    at = lambda c: reading.kind(0, max(t for t, s in enumerate(starts) if s <= c))  # noqa: E731 - token at char c
+    assert at(text.index("12")) == "number: an operand" and at(text.index("3 =")) == "number: an operand"
+    assert at(text.index("30")) == "number: another (a step)" and at(text.index("6 =")) == "number: another (a step)"
+    assert at(text.index("36")) == "number: the answer, written earlier"
+    assert at(text.rindex("36")) == "the answer" and at(len(text) - 1) == "after the answer"
+    assert at(text.index("so")) == "word" and at(text.index("*")) == "symbol/space"
+    assert reading.kind(0, len(ids) - 1) == "after the answer"  # the end-of-sequence token

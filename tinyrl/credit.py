@@ -26,6 +26,7 @@ import re
 import statistics
 import sys
 
+from tinyrl import tasks
 from tinyrl.cli import ArgParser, UserError, run_main
 from tinyrl.objectives import PrefixTree
 
@@ -166,13 +167,26 @@ class Reading:
         return n
 
     def kind(self, i: int, t: int) -> str:
-        """Where token t of completion i sits: the answer, after it, or before it (number, word, symbol/space)."""
+        """Where token t of completion i sits (one of KINDS): in the final answer, after it, or before it; before
+        it, a token of a number is told apart by that number's value: the final answer written earlier, an
+        operand (for AxB problem ids), or another number (a step's result)."""
         span, text = self.answer[i], self.texts[i][t]
         if span is not None and t >= span[1] or text == "":
             return "after the answer"
         if span is not None and t >= span[0]:
             return "the answer"
-        return "number" if re.search(r"\d", text) else "word" if re.search(r"[^\W\d_]", text) else "symbol/space"
+        if re.search(r"\d", text):
+            full = "".join(self.kept_texts + self.texts[i])
+            start = len("".join(self.kept_texts + self.texts[i][:t]))
+            value = next((int(m.group().replace(",", "")) for m in re.finditer(r"\d[\d,]*", full)
+                          if m.start() < start + len(text) and start < m.end()), None)
+            operands = re.fullmatch(r"(\d+)x(\d+)", str(self.record["problem"]))
+            if value is not None and value == tasks.parse_answer(full):
+                return "number: the answer, written earlier"
+            if operands and value in (int(operands[1]), int(operands[2])):
+                return "number: an operand"
+            return "number: another (a step)"
+        return "word" if re.search(r"[^\W\d_]", text) else "symbol/space"
 
     def title(self) -> str:
         r = self.record
@@ -285,7 +299,8 @@ def page(title: str, readings: list[Reading]) -> str:
 
 # ----- over a whole run -----
 
-KINDS = ("the answer", "after the answer", "number", "word", "symbol/space")
+KINDS = ("the answer", "after the answer", "number: the answer, written earlier", "number: an operand",
+         "number: another (a step)", "word", "symbol/space")
 
 
 def summary(run: str, steps: list[int], tokenizer) -> str:
