@@ -61,6 +61,7 @@ def test_eval_py_on_8_problems(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout and len(out.read_text().splitlines()) == 8
+    assert "Converting and de-quantizing" not in r.stderr  # transformers' GGUF bar is kept quiet
 
 
 def test_continuous_batching_equals_one_problem_at_a_time(smol):

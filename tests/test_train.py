@@ -1,6 +1,7 @@
 """Smoke: train.py runs every algo x task on the tiny model and writes every artifact; eval.py loads the result."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,6 +31,9 @@ def test_two_steps_write_every_artifact(tiny_dir, tmp_path, algo, task, capsys):
     # the screen shows what differs from the paper (|G| here) and not what does not (lr 1e-4); config.json has all
     assert "group_size        = 3   (paper: " in printed and "\n  lr " not in printed
     assert "step 0 (the base model) val " in printed and "val 3 of " in printed and "test 3 of " in printed
+    assert re.search(r"step 0 \(the base model\) val \d+\.\d% \(\d/3\)", printed)  # percent with counts, as test
+    if task == "mult":  # a tiny random model never writes a 3x3 product: every group scores alike
+        assert "(every completion scored alike: no reward signal)" in printed
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["algo"] == algo and cfg["group_size"] == 3 and cfg["lora_rank"] == (8 if task == "mult" else 16)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
