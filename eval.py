@@ -22,11 +22,12 @@ from tinyrl.tasks import PROMPT_TEMPLATE, SVAMP_SHA256, check_task, load_task
 FOLLOWED = {"task": "task", "model": "model", "digits": "digits", "max_new_tokens": "max_new_tokens",
             "prompt_template": "prompt_template", "prompt_mode": "prompt_mode", "reward": "reward", "dtype": "dtype",
             "svamp_file": "svamp_file", "svamp_sha256": "svamp_sha256", "val_file": "val_file",
-            "test_file": "test_file", "threshold": "replay_threshold", "batch_size": "eval_batch_size"}
+            "test_file": "test_file", "threshold": "replay_threshold", "batch_size": "eval_batch_size",
+            "mult_prompt": "mult_prompt"}
 DEFAULTS = {"task": None, "model": "Qwen/Qwen2-1.5B", "digits": "3x3", "max_new_tokens": 300,
             "prompt_template": PROMPT_TEMPLATE, "prompt_mode": "plain", "reward": None, "dtype": "float32",
             "svamp_file": None, "svamp_sha256": SVAMP_SHA256, "val_file": None, "test_file": None, "threshold": 1.0,
-            "batch_size": 32}
+            "batch_size": 32, "mult_prompt": "paper"}
 
 
 def run_config(adapter: str | None) -> tuple[str | None, dict]:
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write one JSON line per problem here")
     p.add_argument("--digits", help="mult operand sizes: 3x3, 2x1, or ranges like 11-99x2-9 (default: the run's, "
                                     "else 3x3)")
+    p.add_argument("--mult-prompt", choices=["paper", "partial-products"],
+                   help="mult: the paper's prompt, or one asking for the partial products (default: the run's)")
     p.add_argument("--svamp-file", help="a local SVAMP.json instead of the cached download")
     p.add_argument("--svamp-sha256", help="expected hash of the SVAMP file, or 'none'")
     p.add_argument("--val-file", help="FILE.jsonl task: validation problems (default: 10%% of the task file)")
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
         raise UserError(f"--out {args.out} is a folder; give a file name such as results.jsonl")
     sha256 = None if args.svamp_sha256.lower() == "none" else args.svamp_sha256
     check_task(args.task, args.digits, args.svamp_file, sha256, args.val_file, args.test_file, args.prompt_template,
-               args.prompt_mode, args.reward)
+               args.prompt_mode, args.reward, args.mult_prompt)
     check_model(args.model)
     if args.adapter:
         read_adapter_config(args.adapter)  # bad input fails above, before the model loads
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
     if args.adapter:
         load_adapter(model, args.adapter)
     task = load_task(args.task, tokenizer, args.digits, args.svamp_file, sha256, args.val_file, args.test_file,
-                     args.prompt_template, args.prompt_mode, args.reward)
+                     args.prompt_template, args.prompt_mode, args.reward, args.mult_prompt)
     problems = getattr(task, args.split)[: args.n]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -94,7 +94,8 @@ class Trainer:
                             f"or pick another --out")
         dist.barrier()  # every rank has checked before rank 0 creates the directory
         check_task(cfg.task, cfg.digits, cfg.svamp_file, None if cfg.svamp_sha256.lower() == "none" else
-                   cfg.svamp_sha256, cfg.val_file, cfg.test_file, cfg.prompt_template, cfg.prompt_mode, cfg.reward)
+                   cfg.svamp_sha256, cfg.val_file, cfg.test_file, cfg.prompt_template, cfg.prompt_mode, cfg.reward,
+                   cfg.mult_prompt)
         check_model(cfg.model)  # bad input fails above, in a second, before the model loads
         self.say(f"tinyrl: {cfg.algo} on {cfg.task}, run directory {self.run}"
                  + (f", {self.world} ranks ({cfg.parallel}-parallel)" if self.world > 1 else "") + f"\n{describe(cfg)}")
@@ -112,7 +113,7 @@ class Trainer:
         self.optimizer, self.lam_in_loss = make_optimizer(self.params, cfg.lr, cfg.lam, cfg.lam_mode)
         self.task = load_task(cfg.task, self.tokenizer, cfg.digits, cfg.svamp_file,
                               None if cfg.svamp_sha256.lower() == "none" else cfg.svamp_sha256, cfg.val_file,
-                              cfg.test_file, cfg.prompt_template, cfg.prompt_mode, cfg.reward)
+                              cfg.test_file, cfg.prompt_template, cfg.prompt_mode, cfg.reward, cfg.mult_prompt)
         self.eos = eos_ids(self.model, self.tokenizer)
         self.pad = pad_id(self.tokenizer, self.eos)
         n_train = "unlimited draws" if callable(self.task.train) else len(self.task.train)

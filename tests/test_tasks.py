@@ -5,8 +5,8 @@ import random
 import pytest
 
 from tinyrl.cli import UserError
-from tinyrl.tasks import (SVAMP_TEST_IDS, intermediate_numbers, works_through_steps, TrainStream, mult_task, parse_answer, parse_digits, reward, svamp_records,
-                          svamp_task)
+from tinyrl.tasks import (SVAMP_TEST_IDS, TrainStream, intermediate_numbers, mult_task, parse_answer, parse_digits,
+                          reward, svamp_records, svamp_task, works_through_steps)
 
 
 def test_parse_answer():
@@ -133,3 +133,13 @@ def test_works_through_steps_needs_two():
     assert not works_through_steps("123 × 45 is about 6000; it is 5535", (123, 45))  # 6000 only
     assert works_through_steps("123 × 40 = 4920; 123 × 5 = 615; total 5535", (123, 45))
     assert not works_through_steps("897 × 67 = 60003", (897, 67))
+
+
+def test_partial_products_prompt_adds_one_sentence(tiny):
+    _, tok = tiny
+    paper, asked = mult_task(tok, "2x2").test[0], mult_task(tok, "2x2", prompt="partial-products").test[0]
+    assert paper.id == asked.id and paper.answer == asked.answer  # the same problems
+    assert asked.prompt == paper.prompt.replace("Don't use a calculator.",
+                                                "Don't use a calculator. Write out each partial product, then add them.")
+    with pytest.raises(UserError, match="--mult-prompt"):
+        mult_task(tok, "2x2", prompt="other")

@@ -28,6 +28,8 @@ class Config:
     task: str = F("mult", "mult | svamp | FILE.jsonl (your own problems; docs/training.md, 'Your own task')")
     model: str = F("Qwen/Qwen2-1.5B", "hub id, local folder or .gguf file (paper: Qwen2-1.5B)")
     digits: str = F("3x3", "mult operands: 3x3 (paper: 101..999), 2x1, or ranges like 11-99x2-9")
+    mult_prompt: str = F("paper", "mult: paper (the paper's prompt) | partial-products (adds 'Write out each partial "
+                                  "product, then add them.' to it; not the paper)")
     svamp_file: str | None = F(None, "local SVAMP.json instead of the cached download")
     svamp_sha256: str = F(SVAMP_SHA256, "expected sha256 of the SVAMP file, or 'none'")
     val_file: str | None = F(None, "FILE.jsonl task: validation problems (default: 10%% of the task file)")
@@ -172,7 +174,8 @@ def _parser() -> ArgParser:
         choices = {"algo": ["grpo", "sgrpo", "tspmo"], "prompt_mode": ["plain", "chat"],
                    "report_to": ["none", "tensorboard"],
                    "dtype": ["float32", "bfloat16", "float16", "auto"], "parallel": ["group", "prompts"],
-                   "cpu_kernels": ["auto", "torch", "fast"], "lam_mode": ["loss", "decoupled"]}.get(f.name)
+                   "cpu_kernels": ["auto", "torch", "fast"], "lam_mode": ["loss", "decoupled"],
+                   "mult_prompt": ["paper", "partial-products"]}.get(f.name)
         p.add_argument(flag, type=kind, choices=choices, help=f.metadata["help"])
     return p
 
@@ -214,7 +217,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str | None]:
 def describe(cfg: Config) -> str:
     """The fields that differ from the paper's preset (or, where the paper is silent, from tinyrl's default), one
     a line, each with what it would have been; config.json keeps every field."""
-    fixed = ("model", "digits", "lora_targets", "temperature", "max_new_tokens", "lr", "batch_size",
+    fixed = ("model", "digits", "mult_prompt", "lora_targets", "temperature", "max_new_tokens", "lr", "batch_size",
              "dtype")  # the paper's for every pair
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     paper = {**{name: defaults[name] for name in fixed}, **preset(cfg.algo, cfg.task), "lora_alpha": float(cfg.lora_rank)}

@@ -111,6 +111,8 @@ def chat_prompt(tokenizer, system: str, user: str, assistant_prefix: str = "") -
 MULT_SYSTEM = "You are a helpful AI assistant."
 MULT_USER = "What's {a} multiplied by {b}? Don't use a calculator."
 MULT_PREFILL = "Let's break this problem down step by step."
+# DEVIATION (only when asked for, --mult-prompt partial-products): one sentence more in the user message
+MULT_PROMPTS = {"paper": MULT_USER, "partial-products": MULT_USER + " Write out each partial product, then add them."}
 MULT_TEST_SEED, MULT_VAL_SEED = 1234, 5678
 
 
@@ -148,8 +150,8 @@ def works_through_steps(text: str, operands: tuple[int, int]) -> bool:
     return len(intermediate_numbers(text, operands)) >= 2
 
 
-def mult_problem(tokenizer, a: int, b: int) -> Problem:
-    prompt, ids = chat_prompt(tokenizer, MULT_SYSTEM, MULT_USER.format(a=a, b=b), MULT_PREFILL)
+def mult_problem(tokenizer, a: int, b: int, user: str = MULT_USER) -> Problem:
+    prompt, ids = chat_prompt(tokenizer, MULT_SYSTEM, user.format(a=a, b=b), MULT_PREFILL)
     return Problem(f"{a}x{b}", prompt, ids, a * b)
 
 
@@ -171,12 +173,19 @@ def mult_ranges(digits: str) -> tuple[tuple[int, int], tuple[int, int]]:
     return ranges
 
 
-def mult_task(tokenizer, digits: str = "3x3", test_n: int = 3000, val_n: int = 500) -> Task:
+def mult_prompt(name: str) -> str:
+    if name not in MULT_PROMPTS:
+        raise UserError(f"--mult-prompt {name!r}: choose {' or '.join(MULT_PROMPTS)}")
+    return MULT_PROMPTS[name]
+
+
+def mult_task(tokenizer, digits: str = "3x3", test_n: int = 3000, val_n: int = 500, prompt: str = "paper") -> Task:
     """A×B with operands uniform in the digit ranges. Test (fixed seed) and val are never drawn for training.
 
     A pair and its swap count as the same problem. When the ranges hold few problems, test and val
     each take at most a third of them, so a third is always left for training."""
     (a_lo, a_hi), (b_lo, b_hi) = mult_ranges(digits)
+    user = mult_prompt(prompt)
     distinct = distinct_problems((a_lo, a_hi), (b_lo, b_hi))
     test_n, val_n = min(test_n, distinct // 3), min(val_n, distinct // 3)
     draw_pair = lambda rng: (rng.randint(a_lo, a_hi), rng.randint(b_lo, b_hi))  # noqa: E731
@@ -193,14 +202,14 @@ def mult_task(tokenizer, digits: str = "3x3", test_n: int = 3000, val_n: int = 5
                 pairs.append((a, b))
         return pairs
 
-    test = [mult_problem(tokenizer, a, b) for a, b in held_out(MULT_TEST_SEED, test_n)]
-    val = [mult_problem(tokenizer, a, b) for a, b in held_out(MULT_VAL_SEED, val_n)]
+    test = [mult_problem(tokenizer, a, b, user) for a, b in held_out(MULT_TEST_SEED, test_n)]
+    val = [mult_problem(tokenizer, a, b, user) for a, b in held_out(MULT_VAL_SEED, val_n)]
 
     def train(rng: random.Random) -> Problem:
         while True:
             a, b = draw_pair(rng)
             if key(a, b) not in held:  # training draws never include a test or val pair
-                return mult_problem(tokenizer, a, b)
+                return mult_problem(tokenizer, a, b, user)
 
     return Task(f"mult-{digits}", train, val, test)
 
@@ -367,7 +376,8 @@ def jsonl_task(tokenizer, path: str, val_file: str | None = None, test_file: str
 
 def check_task(name: str, digits: str = "3x3", svamp_file: str | None = None,
                svamp_sha256: str | None = SVAMP_SHA256, val_file: str | None = None, test_file: str | None = None,
-               prompt_template: str = PROMPT_TEMPLATE, prompt_mode: str = "plain", reward: str | None = None) -> None:
+               prompt_template: str = PROMPT_TEMPLATE, prompt_mode: str = "plain", reward: str | None = None,
+               mult_prompt_name: str = "paper") -> None:
     """The checks of `load_task` that need no tokenizer (files, digits, prompt, reward plug-in), so that bad
     input fails in a second, before a model loads."""
     load_reward(reward)
@@ -378,6 +388,7 @@ def check_task(name: str, digits: str = "3x3", svamp_file: str | None = None,
                 read_jsonl(path)
     elif name == "mult":
         mult_ranges(digits)
+        mult_prompt(mult_prompt_name)
     elif name == "svamp":
         svamp_records(svamp_file, svamp_sha256)
     else:
@@ -386,14 +397,15 @@ def check_task(name: str, digits: str = "3x3", svamp_file: str | None = None,
 
 def load_task(name: str, tokenizer, digits: str = "3x3", svamp_file: str | None = None,
               svamp_sha256: str | None = SVAMP_SHA256, val_file: str | None = None, test_file: str | None = None,
-              prompt_template: str = PROMPT_TEMPLATE, prompt_mode: str = "plain", reward: str | None = None) -> Task:
+              prompt_template: str = PROMPT_TEMPLATE, prompt_mode: str = "plain", reward: str | None = None,
+              mult_prompt_name: str = "paper") -> Task:
     """The task named on the command line: mult, svamp or a .jsonl file, with its reward. A new task is one more
     branch here."""
     reward_fn = load_reward(reward)
     if name.endswith(".jsonl"):
         return jsonl_task(tokenizer, name, val_file, test_file, prompt_template, prompt_mode, reward_fn)
     if name == "mult":
-        task = mult_task(tokenizer, digits)
+        task = mult_task(tokenizer, digits, prompt=mult_prompt_name)
     elif name == "svamp":
         task = svamp_task(tokenizer, svamp_file, svamp_sha256)
     else:

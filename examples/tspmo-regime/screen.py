@@ -3,7 +3,7 @@
 that work through steps (`tinyrl.tasks.works_through_steps`), tokens per completion, and what a T-SPMO
 step costs on this machine.
 
-    python examples/tspmo-regime/screen.py --model M --digits 2x2 --out examples/tspmo-regime/screen
+    python examples/tspmo-regime/screen.py --model M --digits 2x2 [--mult-prompt partial-products] --out DIR
     python examples/tspmo-regime/screen.py --table examples/tspmo-regime/screen
 
 Each candidate samples one completion for each of the first --n validation problems (never test), then
@@ -39,7 +39,7 @@ def screen(args) -> dict:
     model, tokenizer = load_model(args.model, args.dtype, "cpu")
     eos, pad = eos_ids(model, tokenizer), None
     pad = pad_id(tokenizer, eos)
-    task = mult_task(tokenizer, args.digits)
+    task = mult_task(tokenizer, args.digits, prompt=args.mult_prompt)
     problems = task.val[: args.n]
     gen = torch.Generator().manual_seed(args.seed)
     result = evaluate(model, tokenizer, problems, eos, pad, args.batch_size, 300, temperature=0.3, generator=gen,
@@ -59,7 +59,7 @@ def screen(args) -> dict:
     tspmo_backward(model, first.prompt_ids, group, PrefixTree(group, rewards), pad, max_batch_tokens=8192)
     t2 = time.perf_counter()
     lo, hi = wilson_interval(correct, n)
-    row = {"model": os.path.basename(args.model), "digits": args.digits, "dtype": str(model.dtype).split(".")[-1],
+    row = {"model": os.path.basename(args.model), "digits": args.digits, "prompt": args.mult_prompt, "dtype": str(model.dtype).split(".")[-1],
            "n": n, "accuracy": correct / n, "ci95": [lo, hi], "steps_share": steps / n,
            "steps_share_ci95": list(wilson_interval(steps, n)),
            "tokens_per_completion": statistics.mean(r["tokens"] for r in records),
@@ -68,7 +68,7 @@ def screen(args) -> dict:
            "update_seconds": t2 - t1, "step_seconds_estimate": 1.5 * (t1 - t0) + (t2 - t1),
            "threads": torch.get_num_threads(), "sample_seconds": result["seconds"]}
     os.makedirs(args.out, exist_ok=True)
-    name = f"{row['model'].split('.')[0]}-{args.digits}"
+    name = f"{row['model'].split('.')[0]}-{args.digits}" + ("" if args.mult_prompt == "paper" else f"-{args.mult_prompt}")
     with gzip.open(os.path.join(args.out, f"{name}.jsonl.gz"), "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     with open(os.path.join(args.out, "screen.jsonl"), "a") as f:
@@ -78,11 +78,11 @@ def screen(args) -> dict:
 
 def table(folder: str) -> str:
     rows = [json.loads(x) for x in open(os.path.join(folder, "screen.jsonl"))]
-    lines = ["| model | digits | accuracy [95% CI] | works through steps [95% CI] | tokens / completion | cut at 300 | "
-             "T-SPMO step, est. (s) | in range (3-20%, >= 50% steps) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | digits | prompt | accuracy [95% CI] | works through steps [95% CI] | tokens / completion | cut at 300 | "
+             "T-SPMO step, est. (s) | in range (3-20%, >= 50% steps) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["step_seconds_estimate"]):
         ok = 0.03 <= r["accuracy"] <= 0.20 and r["steps_share"] >= 0.5
-        lines.append(f"| {r['model']} | {r['digits']} | {100 * r['accuracy']:.0f}% [{100 * r['ci95'][0]:.0f}-"
+        lines.append(f"| {r['model']} | {r['digits']} | {r.get('prompt', 'paper')} | {100 * r['accuracy']:.0f}% [{100 * r['ci95'][0]:.0f}-"
                      f"{100 * r['ci95'][1]:.0f}] | {100 * r['steps_share']:.0f}% [{100 * r['steps_share_ci95'][0]:.0f}-"
                      f"{100 * r['steps_share_ci95'][1]:.0f}] | {r['tokens_per_completion']:.0f} | "
                      f"{100 * r['cut_at_300']:.0f}% | {r['step_seconds_estimate']:.0f} ({r['dtype']}, "
@@ -98,6 +98,7 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mult-prompt", default="paper", choices=["paper", "partial-products"])
     p.add_argument("--out", default="examples/tspmo-regime/screen")
     p.add_argument("--table", help="print the table of a screen folder")
     a = p.parse_args()
