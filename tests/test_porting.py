@@ -26,16 +26,18 @@ TINY = ("from transformers import Qwen2Config, Qwen2ForCausalLM\n"
         " num_attention_heads=4, num_key_value_heads=2)).eval().requires_grad_(False)\n")
 # piece -> (the other files PORTING.md says it needs, code that uses it)
 PIECES = {
-    "objectives.py": ([], "from tinyrl.objectives import PrefixTree\nassert len(PrefixTree([[1, 2], [1, 3]], [1.0, 0.0])) == 3\n"),
+    "objectives.py": ([], "from tinyrl.objectives import PrefixTree\n"
+                          "assert len(PrefixTree([[1, 2], [1, 3]], [1.0, 0.0])) == 3\n"),
     "lora.py": (["cli.py"], TINY + "from tinyrl.lora import inject_lora\nfrom tinyrl.cli import UserError\n"
-                "inject_lora(model, rank=4, fraction=0.5)\ntry:\n    inject_lora(model, rank=4)\nexcept UserError:\n    pass\n"
-                "else:\n    raise AssertionError\n"),
+                "inject_lora(model, rank=4, fraction=0.5)\ntry:\n    inject_lora(model, rank=4)\n"
+                "except UserError:\n    pass\nelse:\n    raise AssertionError\n"),
     "sampling.py": (["cpu.py", "cli.py"], TINY + "import torch\nfrom tinyrl.sampling import sample\n"
                     "out = sample(model, [1, 2, 3], 4, 5, 0.3, [0], torch.Generator().manual_seed(0))\n"
                     "assert len(out) == 4\n"),
     "replay.py": (["tasks.py", "cli.py"], "from tinyrl.replay import Episode, ReplayBuffer, replay_rewards\n"
-                  "b = ReplayBuffer(seed=0)\nb.add(Episode([1], [2, 3], 1.0, 5))\nb.load_state_dict(b.state_dict())\n"
-                  "class Tok:\n    def decode(self, ids, skip_special_tokens=True):\n        return ' '.join(map(str, ids))\n"
+                  "b = ReplayBuffer(seed=0)\nb.add(Episode([1], [2, 3], 1.0, 5))\n"
+                  "b.load_state_dict(b.state_dict())\nclass Tok:\n"
+                  "    def decode(self, ids, skip_special_tokens=True):\n        return ' '.join(map(str, ids))\n"
                   "assert replay_rewards(Tok(), [5], [[0], [7]], 0) == [1.0, 0.0]\n"),
     "update.py": (["objectives.py", "lora.py", "cpu.py", "cli.py"], TINY + "from tinyrl.lora import inject_lora\n"
                   "from tinyrl.objectives import PrefixTree\nfrom tinyrl.update import tspmo_backward\n"

@@ -220,7 +220,8 @@ def describe(cfg: Config) -> str:
     fixed = ("model", "digits", "mult_prompt", "lora_targets", "temperature", "max_new_tokens", "lr", "batch_size",
              "dtype")  # the paper's for every pair
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    paper = {**{name: defaults[name] for name in fixed}, **preset(cfg.algo, cfg.task), "lora_alpha": float(cfg.lora_rank)}
+    paper = {**{name: defaults[name] for name in fixed}, **preset(cfg.algo, cfg.task),
+             "lora_alpha": float(cfg.lora_rank)}
     lines = []
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)

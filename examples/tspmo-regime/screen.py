@@ -68,7 +68,8 @@ def screen(args) -> dict:
            "update_seconds": t2 - t1, "step_seconds_estimate": 1.5 * (t1 - t0) + (t2 - t1),
            "threads": torch.get_num_threads(), "sample_seconds": result["seconds"]}
     os.makedirs(args.out, exist_ok=True)
-    name = f"{row['model'].split('.')[0]}-{args.digits}" + ("" if args.mult_prompt == "paper" else f"-{args.mult_prompt}")
+    name = f"{row['model'].removesuffix('.gguf')}-{args.digits}"
+    name += "" if args.mult_prompt == "paper" else f"-{args.mult_prompt}"
     with gzip.open(os.path.join(args.out, f"{name}.jsonl.gz"), "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     with open(os.path.join(args.out, "screen.jsonl"), "a") as f:
