@@ -23,6 +23,12 @@ def tokenizer():
     return build_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def shared_run(tiny_dir, tmp_path_factory):
+    """One recorded two-step run for the tests that only read it."""
+    return tspmo_run(tiny_dir, tmp_path_factory.mktemp("credit"))
+
+
 def tspmo_run(tiny_dir, tmp_path, *extra):
     """Two T-SPMO steps whose reward (the text's checksum parity) scores distinct completions apart, so the
     trees carry credit and replay draws from both pools whatever the trajectory."""
@@ -71,8 +77,8 @@ def test_records_equal_what_the_update_used(tiny_dir, tmp_path, monkeypatch):
         assert [p[2] for p in record["pairs"]] == pytest.approx(advantages, rel=1e-6)
 
 
-def test_step_columns_sit_in_metrics(tiny_dir, tmp_path):
-    run = tspmo_run(tiny_dir, tmp_path)
+def test_step_columns_sit_in_metrics(shared_run):
+    run = shared_run
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     for line in lines:
         for key in ("credit_position", "credit_in_answer", "replay_cut_to_answer", "replay_cut_in_answer",
@@ -182,24 +188,24 @@ def test_html_page_of_a_hand_built_tree(tokenizer):
     assert "2 branch points" in text and "A=+0.500" in text and "A=-0.500" in text and "A=+0.333" in text
 
 
-def test_cli_step_and_summary(tiny_dir, tmp_path):
-    run = tspmo_run(tiny_dir, tmp_path)
-    r = subprocess.run([sys.executable, "-m", "tinyrl.credit", str(run), "--step", "1"], cwd=ROOT,
-                       capture_output=True, text=True)
+def test_cli_step_and_summary(shared_run, tmp_path):
+    run = shared_run
+    r = subprocess.run([sys.executable, "-m", "tinyrl.credit", str(run), "--step", "1", "--html",
+                        str(tmp_path / "p.html")], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "fresh tree, problem" in r.stdout and "shared prefix" in r.stdout
-    assert (run / "credit-step-1.html").read_text().startswith("<!DOCTYPE html>")
+    assert (tmp_path / "p.html").read_text().startswith("<!DOCTYPE html>")
     r = subprocess.run([sys.executable, "-m", "tinyrl.credit", str(run)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "2 steps recorded" in r.stdout and "| the answer |" in r.stdout
 
 
-def test_run_without_records_is_one_line_exit_2(tiny_dir, tmp_path):
+def test_run_without_records_is_one_line_exit_2(shared_run, tmp_path):
     (tmp_path / "run").mkdir()
     r = subprocess.run([sys.executable, "-m", "tinyrl.credit", str(tmp_path / "run")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no tree records" in r.stderr
-    run = tspmo_run(tiny_dir, tmp_path)
+    run = shared_run
     r = subprocess.run([sys.executable, "-m", "tinyrl.credit", str(run), "--step", "9"], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not recorded" in r.stderr

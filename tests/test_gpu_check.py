@@ -8,12 +8,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_check_runs_every_algorithm_and_the_eval_engines(tiny_dir):
     r = subprocess.run([sys.executable, "bench/gpu_check.py", "--model", f"random:{tiny_dir}", "--groups", "3,3,4",
-                        "--max-new-tokens", "8", "--steps", "2", "--eval-n", "4"], cwd=ROOT, capture_output=True,
+                        "--max-new-tokens", "8", "--steps", "1", "--eval-n", "4"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     for algo in ("grpo", "sgrpo", "tspmo"):
-        for step in (1, 2):
-            assert f"{algo} step {step}: seconds " in r.stdout and "(planner: " in r.stdout
+        assert f"{algo} step 1: seconds " in r.stdout and "(planner: " in r.stdout
     assert "static cache: not covered" in r.stdout  # no CUDA here
     assert "tinyrl continuous (eval.py)" in r.stdout and "gpu check: every command finished" in r.stdout
 
