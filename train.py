@@ -212,7 +212,8 @@ class Trainer:
         stats = tspmo_backward(self.model, prompt_ids, completions, tree, self.pad, self.cfg.log_prob,
                                self.cfg.max_batch_tokens, scale=scale, shard=shard, pairs=pairs,
                                temperature=self.score_t)
-        self.trees.append({**about, "completions": completions, "rewards": rewards, "pairs": dist.gather(pairs)})
+        mine = dist.gather(pairs) if shard[1] > 1 else pairs  # split over ranks: each computed its share of pairs
+        self.trees.append({**about, "completions": completions, "rewards": rewards, "pairs": mine})
         return stats
 
     def grpo_update(self, prompt_ids, completions, rewards) -> dict:
@@ -307,6 +308,9 @@ class Trainer:
             replay_ok, replay = self.replay_updates(draws)
             ok = ok and replay_ok
             sec["replay"] = clock(device) - t5
+            if not group_parallel:  # each rank built its own prompt's fresh tree: rank 0 records them all
+                self.trees = dist.gather([t for t in self.trees if t["kind"] == "fresh"]) + \
+                    [t for t in self.trees if t["kind"] == "replay"]
             replay.update(credit.columns(self.trees, self.tokenizer))  # where this step's credit sits
             if cfg.record_trees and self.main_rank:
                 credit.save(self.run, step, self.trees)

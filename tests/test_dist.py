@@ -55,6 +55,16 @@ def test_three_steps_keep_ranks_identical(toy_svamp, tmp_path, parallel):
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]  # rank 0 alone wrote, once per step
     assert any(0 < m["reward_mean"] < 1 for m in lines)  # rewards varied, so the update was not trivial
+    from tinyrl import credit
+    from tinyrl.objectives import PrefixTree
+
+    for step in (1, 2, 3):  # the tree records: every rank's fresh tree, each with exactly its own credited pairs
+        trees = credit.load(str(run), step)
+        assert sum(t["kind"] == "fresh" for t in trees) == (1 if parallel == "group" else 2)
+        for t in trees:
+            tree = PrefixTree(t["completions"], t["rewards"])
+            assert sorted(tree.paths[i][j] for i, j, _, _ in t["pairs"]) == \
+                [v for v in range(1, len(tree) + 1) if tree.advantage(v) != 0]
 
 
 def test_two_rank_checkpoint_resumes_in_one_and_in_two(toy_svamp, tmp_path):
