@@ -225,3 +225,15 @@ def test_plot_leaves_a_gap_at_zero_gradient_steps_and_marks_them():
     assert list(drawn["run: objective 0"].get_xdata()) == [2, 3]
     assert "run: L2 term" not in drawn  # all zero: nothing to draw on a log scale
     plt.close(fig)
+
+
+def test_a_field_older_runs_lack_takes_its_default(tmp_path, capsys):
+    old = fake_run(tmp_path, "old", "sgrpo", 0, {0: 0.1, 2: 0.2}, test=0.2)
+    new = fake_run(tmp_path, "new", "sgrpo", 1, {0: 0.1, 2: 0.3}, test=0.3, lora_targets="q,v", mult_prompt="paper",
+                   lam_mode="loss")
+    wide = fake_run(tmp_path, "wide", "sgrpo", 0, {0: 0.1, 2: 0.4}, test=0.4, lora_targets="all-linear",
+                    lam_mode="loss")
+    assert main([old, new, wide]) == 0
+    table, header = rows(capsys.readouterr().out)
+    assert header == ["lora_targets=all-linear", "lora_targets=q,v"]  # the old run groups with the new q,v one
+    assert table["seeds"] == ["0", "0, 1"]

@@ -19,16 +19,19 @@ matplotlib is optional: without it the table still prints, and asking for a figu
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 import sys
 
 from tinyrl.cli import ArgParser, UserError, run_main
+from tinyrl.config import Config
 from tinyrl.evaluate import mcnemar, wilson_interval
 from tinyrl.plot import pyplot, read_run
 
-NOT_A_SETTING = {"seed", "out", "save_every", "keep"}
+NOT_A_SETTING = {"seed", "out", "save_every", "keep", "record_trees"}
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not None}
 ALGO_NAMES = {"grpo": "GRPO", "sgrpo": "S-GRPO", "tspmo": "T-SPMO"}
 
 
@@ -39,6 +42,9 @@ class Run:
         _, self.cfg, self.lines = read_run(path)
         if not self.cfg:
             raise UserError(f"{path} has no readable config.json; is it a tinyrl run directory?")
+        # a field added after the run was made had its default then (and runs from before --lam-mode had lam in
+        # the loss, as --resume reads them), so an old run groups with a new one of the same settings
+        self.cfg = {**FIELD_DEFAULTS, "lam_mode": "loss", **self.cfg}
         self.path = path
         self.val = {m["step"]: m["val_accuracy"] for m in self.lines if "val_accuracy" in m}
         self.steps = [m for m in self.lines if "reward_mean" in m]
