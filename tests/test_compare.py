@@ -34,6 +34,16 @@ def fake_run(root, name, algo, seed, val, test=None, sec=1.0, tokens=None, rewar
     return str(run)
 
 
+def add_to_steps(run, *columns):
+    """Give a fake run's steps 1, 2, ... these columns, and the adapter columns the norm rows come with."""
+    path = os.path.join(run, "metrics.jsonl")
+    lines = [json.loads(x) for x in open(path)]
+    for line, extra in zip(lines[1:], columns):
+        line.update(delta_w_norm=0.1, lora_a_abs=0.01, lora_b_abs=0.001, **extra)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+
+
 def rows(text):
     """{row name: [cells]} of the printed Markdown table, and the header."""
     lines = [[c.strip() for c in line.strip("|").split("|")] for line in text.strip().splitlines()]
@@ -175,13 +185,7 @@ def test_replay_gradient_row_appears_once_logged(tmp_path, capsys):
     t, g = fake_run(tmp_path, "t0", "tspmo", 0, {0: 0.1}), fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1})
     assert main([t, g]) == 0
     assert not any("replay" in name for name in rows(capsys.readouterr().out)[0])  # runs from before the column
-    metrics = os.path.join(t, "metrics.jsonl")
-    lines = [json.loads(x) for x in open(metrics)]
-    lines[1]["replay_grad_norm"], lines[2]["replay_grad_norm"] = 0.004, 0.0  # step 2's replay had no gradient
-    for line in lines[1:]:
-        line.update(delta_w_norm=0.1, lora_a_abs=0.01, lora_b_abs=0.001)  # the adapter rows come with these
-    with open(metrics, "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in lines)
+    add_to_steps(t, {"replay_grad_norm": 0.004}, {"replay_grad_norm": 0.0})  # step 2's replay had no gradient
     assert main([t, g]) == 0
     table, header = rows(capsys.readouterr().out)
     assert header == ["GRPO", "T-SPMO"]
@@ -190,13 +194,9 @@ def test_replay_gradient_row_appears_once_logged(tmp_path, capsys):
 
 def test_credit_rows_mean_over_steps_with_a_value(tmp_path, capsys):
     t, g = fake_run(tmp_path, "t0", "tspmo", 0, {0: 0.1}), fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1})
-    metrics = os.path.join(t, "metrics.jsonl")
-    lines = [json.loads(x) for x in open(metrics)]
-    for line, credit in zip(lines[1:], [(0.25, 0.5, 0.0, 1.0), (None, None, 1.0, 0.0)]):  # step 2: no fresh credit
-        line.update(delta_w_norm=0.1, lora_a_abs=0.01, lora_b_abs=0.001, **dict(zip(
-            ("credit_in_answer", "credit_position", "replay_cut_in_answer", "replay_flat"), credit)))
-    with open(metrics, "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in lines)
+    keys = ("credit_in_answer", "credit_position", "replay_cut_in_answer", "replay_flat")
+    # step 2 has no fresh credit
+    add_to_steps(t, dict(zip(keys, (0.25, 0.5, 0.0, 1.0))), dict(zip(keys, (None, None, 1.0, 0.0))))
     assert main([t, g]) == 0
     table, header = rows(capsys.readouterr().out)
     assert header == ["GRPO", "T-SPMO"]

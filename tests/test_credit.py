@@ -115,7 +115,9 @@ def test_answer_span_covers_the_integer_the_reward_reads(tokenizer, text, answer
 
 def test_answer_span_of_text_without_integer(tokenizer):
     assert credit.answer_span(tokenizer, tokenizer.encode("no number here")) is None
-    assert credit.answer_chars("a 1,2 b") == (2, 5) and credit.answer_chars("x") is None
+    from tinyrl.tasks import answer_chars
+
+    assert answer_chars("a 1,2 b") == (2, 5) and answer_chars("x") is None
 
 
 def hand_tree(tokenizer):

@@ -36,18 +36,9 @@ END = "⟨end⟩"  # how a token with no text (end of sequence) is shown
 
 # ----- the answer span and token offsets -----
 
-def answer_chars(text: str) -> tuple[int, int] | None:
-    """[start, end) in `text` of the integer the paper's reward reads: the last -?\\d+ once commas are removed."""
-    kept = [i for i, ch in enumerate(text) if ch != ","]
-    found = list(re.finditer(r"-?\d+", "".join(text[i] for i in kept)))
-    if not found:
-        return None
-    return kept[found[-1].start()], kept[found[-1].end() - 1] + 1
-
-
 def answer_span(tokenizer, ids: list[int]) -> tuple[int, int] | None:
     """Token positions [start, end) that cover the final answer's characters, or None when the text has no integer."""
-    chars = answer_chars(tokenizer.decode(ids, skip_special_tokens=True))
+    chars = tasks.answer_chars(tokenizer.decode(ids, skip_special_tokens=True))
     if chars is None:
         return None
     end_of = lambda t: len(tokenizer.decode(ids[: t + 1], skip_special_tokens=True))  # noqa: E731
@@ -145,6 +136,7 @@ class Reading:
         self.answer = [None if spans[y] is None else (spans[y][0] - len(self.kept), spans[y][1] - len(self.kept))
                        for y in full]  # token positions after the kept part (< 0: the answer began in it)
         self.kept_texts = self.source_texts[: len(self.kept)]
+        self.numbers: dict[int, tuple[list[tuple[int, int, int]], int | None]] = {}  # filled by `kind`
 
     def branch_points(self) -> list[int]:
         """Nodes with more than one child, root first, in order of depth."""
@@ -176,12 +168,15 @@ class Reading:
         if span is not None and t >= span[0]:
             return "the answer"
         if re.search(r"\d", text):
-            full = "".join(self.kept_texts + self.texts[i])
+            if i not in self.numbers:  # each completion's numbers (start, end, value) and final answer, once
+                full = "".join(self.kept_texts + self.texts[i])
+                self.numbers[i] = ([(m.start(), m.end(), int(m.group().replace(",", "")))
+                                    for m in re.finditer(r"\d[\d,]*", full)], tasks.parse_answer(full))
+            numbers, final = self.numbers[i]
             start = len("".join(self.kept_texts + self.texts[i][:t]))
-            value = next((int(m.group().replace(",", "")) for m in re.finditer(r"\d[\d,]*", full)
-                          if m.start() < start + len(text) and start < m.end()), None)
+            value = next((v for a, b, v in numbers if a < start + len(text) and start < b), None)
             operands = re.fullmatch(r"(\d+)x(\d+)", str(self.record["problem"]))
-            if value is not None and value == tasks.parse_answer(full):
+            if value is not None and value == final:
                 return "number: the answer, written earlier"
             if operands and value in (int(operands[1]), int(operands[2])):
                 return "number: an operand"

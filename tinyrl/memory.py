@@ -72,7 +72,9 @@ def shape_from_config(cfg) -> Shape:
 
 def load_shape(model: str) -> Shape:
     """The model's Shape from its config alone: a local folder, a .gguf header, the hub, or KNOWN."""
-    model = model.removeprefix("random:")  # a random-weight model has the shapes of the config it names
+    from tinyrl.model import RANDOM
+
+    model = model.removeprefix(RANDOM)  # a random-weight model has the shapes of the config it names
     if model in KNOWN and not os.path.exists(model):
         return Shape(**KNOWN[model])
     from transformers import AutoConfig

@@ -32,10 +32,20 @@ class Problem:
     answer: int | float
 
 
+def answer_chars(text: str) -> tuple[int, int] | None:
+    """[start, end) in `text` of the integer the paper's reward reads (Appendix B): the LAST match of -?\\d+ once
+    all commas are stripped; None when there is none."""
+    kept = [i for i, ch in enumerate(text) if ch != ","]
+    found = list(re.finditer(r"-?\d+", "".join(text[i] for i in kept)))
+    if not found:
+        return None
+    return kept[found[-1].start()], kept[found[-1].end() - 1] + 1
+
+
 def parse_answer(text: str) -> int | None:
     """Appendix B: strip all commas, take the LAST integer (regex -?\\d+); None when there is none."""
-    numbers = re.findall(r"-?\d+", text.replace(",", ""))
-    return int(numbers[-1]) if numbers else None
+    span = answer_chars(text)
+    return None if span is None else int(text[span[0]:span[1]].replace(",", ""))
 
 
 def reward(text: str, answer: int) -> float:
