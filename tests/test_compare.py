@@ -237,3 +237,12 @@ def test_a_field_older_runs_lack_takes_its_default(tmp_path, capsys):
     table, header = rows(capsys.readouterr().out)
     assert header == ["lora_targets=all-linear", "lora_targets=q,v"]  # the old run groups with the new q,v one
     assert table["seeds"] == ["0", "0, 1"]
+
+
+def test_lam_mode_splits_no_groups_where_lam_is_0(tmp_path, capsys):
+    runs = [fake_run(tmp_path, f"r{i}", "tspmo", i, {0: 0.1, 2: 0.2}, test=0.2, lam=lam, lam_mode=mode)
+            for i, (lam, mode) in enumerate([(0.0, "loss"), (0.0, "decoupled"), (0.01, "decoupled"),
+                                              (0.01, "loss")])]
+    assert main(runs) == 0
+    _, header = rows(capsys.readouterr().out)
+    assert header == ["lam=0.0", "lam=0.01 lam_mode=decoupled", "lam=0.01 lam_mode=loss"]

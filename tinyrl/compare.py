@@ -45,6 +45,8 @@ class Run:
         # a field added after the run was made had its default then (and runs from before --lam-mode had lam in
         # the loss, as --resume reads them), so an old run groups with a new one of the same settings
         self.cfg = {**FIELD_DEFAULTS, "lam_mode": "loss", **self.cfg}
+        if not self.cfg.get("lam"):  # how lambda acts is no setting where lambda is 0
+            del self.cfg["lam_mode"]
         self.path = path
         self.val = {m["step"]: m["val_accuracy"] for m in self.lines if "val_accuracy" in m}
         self.steps = [m for m in self.lines if "reward_mean" in m]
@@ -137,7 +139,7 @@ def group_runs(runs: list[Run]) -> tuple[list[str], dict[tuple, list[Run]]]:
 
 
 def label(fields: list[str], values: tuple) -> str:
-    parts = [ALGO_NAMES.get(v, v) if k == "algo" else f"{k}={v}" for k, v in zip(fields, values)]
+    parts = [ALGO_NAMES.get(v, v) if k == "algo" else f"{k}={v}" for k, v in zip(fields, values) if v is not None]
     return " ".join(str(p) for p in parts) or "all runs"
 
 
