@@ -77,6 +77,11 @@ def screen(args) -> dict:
     return row
 
 
+def passes(row: dict) -> str:
+    tokens = row.get("max_batch_tokens", 8192)
+    return "" if tokens == 8192 else f", update in {tokens}-token passes"
+
+
 def table(folder: str) -> str:
     rows = [json.loads(x) for x in open(os.path.join(folder, "screen.jsonl"))]
     lines = ["| model | digits | prompt | accuracy [95% CI] | works through steps [95% CI] | tokens / completion | cut at 300 | "
@@ -87,7 +92,7 @@ def table(folder: str) -> str:
                      f"{100 * r['ci95'][1]:.0f}] | {100 * r['steps_share']:.0f}% [{100 * r['steps_share_ci95'][0]:.0f}-"
                      f"{100 * r['steps_share_ci95'][1]:.0f}] | {r['tokens_per_completion']:.0f} | "
                      f"{100 * r['cut_at_300']:.0f}% | {r['step_seconds_estimate']:.0f} ({r['dtype']}, "
-                     f"{r['threads']} thread{'s' * (r['threads'] > 1)}) | {'yes' if ok else 'no'} |")
+                     f"{r['threads']} thread{'s' * (r['threads'] > 1)}{passes(r)}) | {'yes' if ok else 'no'} |")
     return "\n".join(lines)
 
 
