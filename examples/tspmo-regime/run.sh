@@ -6,6 +6,7 @@
 # tokens, --dtype auto (bfloat16 only where the CPU computes it natively; a run keeps its dtype), validation on
 # 200 held-out problems every 25 steps, the best adapter tested on 1,000; T-SPMO records its trees.
 #   MODEL=... DIGITS=... PROMPT=... STEPS=... RUNS="tspmo-s0 grpo-s0" OMP_NUM_THREADS=1 examples/tspmo-regime/run.sh
+#   MAX_BATCH_TOKENS=4096: the update in smaller passes (the 1.5B's float32 T-SPMO then fits 24 GiB).
 # Re-running resumes a stopped run and skips finished ones.
 set -euo pipefail
 : "${MODEL:?set MODEL (the choice of the screening)}" "${DIGITS:?set DIGITS}" "${STEPS:?set STEPS (the same for every arm)}"
@@ -22,5 +23,5 @@ for run in ${RUNS:-grpo-s0 sgrpo-s0 tspmo-s0 tspmo-norep-s0 grpo-s1 sgrpo-s1 tsp
   esac
   python train.py --algo "$algo" --task mult --digits "$DIGITS" --mult-prompt "${PROMPT:-paper}" --model "$MODEL" \
     --lr 1e-3 --steps "$STEPS" --seed "$seed" --dtype auto --eval-every 25 --eval-n 200 --test-n 1000 \
-    --save-every 5 --keep 1 --out "$out" "${extra[@]}"
+    --save-every 5 --keep 1 --max-batch-tokens "${MAX_BATCH_TOKENS:-8192}" --out "$out" "${extra[@]}"
 done
