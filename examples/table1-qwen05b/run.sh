@@ -20,9 +20,10 @@ model=${MODEL:-.cache/models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf}
 root=${ROOT:-examples/table1-qwen05b}
 svamp=()
 if [ -n "${SVAMP_FILE:-}" ]; then svamp=(--svamp-file "$SVAMP_FILE"); fi
+dtype_of() { python -c "import json, sys; print(json.load(open(sys.argv[1]))['dtype'])" "$1"; }
 dtype=auto
 for cfg in "$root"/{grpo,sgrpo,tspmo}/config.json; do
-  if [ -f "$cfg" ]; then dtype=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['dtype'])" "$cfg"); break; fi
+  if [ -f "$cfg" ]; then dtype=$(dtype_of "$cfg"); break; fi
 done
 for run in ${RUNS:-tspmo grpo sgrpo}; do
   out=$root/$run
@@ -35,5 +36,5 @@ for run in ${RUNS:-tspmo grpo sgrpo}; do
   if [ -f "$out/config.json" ]; then python train.py --resume "$out"; continue; fi
   python train.py --algo "$run" --task svamp --model "$model" "${svamp[@]}" --dtype "$dtype" \
     --eval-n 100 --save-every 5 --keep 1 --out "$out"
-  dtype=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['dtype'])" "$out/config.json")
+  dtype=$(dtype_of "$out/config.json")
 done

@@ -26,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tinyrl.config import Config  # noqa: E402
 from tinyrl.evaluate import evaluate, wilson_interval  # noqa: E402
 from tinyrl.lora import inject_lora  # noqa: E402
 from tinyrl.model import eos_ids, load_model, pad_id  # noqa: E402
@@ -56,7 +57,8 @@ def screen(args) -> dict:
     group = sample(model, first.prompt_ids, 50, 300, 0.3, eos, torch.Generator().manual_seed(args.seed + 1))
     t1 = time.perf_counter()
     rewards = [task.reward(tokenizer.decode(c, skip_special_tokens=True), first.answer, first.id) for c in group]
-    tspmo_backward(model, first.prompt_ids, group, PrefixTree(group, rewards), pad, max_batch_tokens=args.max_batch_tokens)
+    tspmo_backward(model, first.prompt_ids, group, PrefixTree(group, rewards), pad,
+                   max_batch_tokens=args.max_batch_tokens)
     t2 = time.perf_counter()
     lo, hi = wilson_interval(correct, n)
     row = {"model": os.path.basename(args.model), "digits": args.digits, "prompt": args.mult_prompt, "dtype": str(model.dtype).split(".")[-1],
@@ -66,7 +68,8 @@ def screen(args) -> dict:
            "cut_at_300": sum(r["cut"] for r in records) / n, "group_seconds": t1 - t0,
            "group_tokens": sum(map(len, group)), "group_right": sum(r >= 1 for r in rewards),
            "update_seconds": t2 - t1, "step_seconds_estimate": 1.5 * (t1 - t0) + (t2 - t1),
-           "threads": torch.get_num_threads(), "max_batch_tokens": args.max_batch_tokens, "sample_seconds": result["seconds"]}
+           "threads": torch.get_num_threads(), "max_batch_tokens": args.max_batch_tokens,
+           "sample_seconds": result["seconds"]}
     os.makedirs(args.out, exist_ok=True)
     name = f"{row['model'].removesuffix('.gguf')}-{args.digits}"
     name += "" if args.mult_prompt == "paper" else f"-{args.mult_prompt}"
@@ -78,8 +81,9 @@ def screen(args) -> dict:
 
 
 def passes(row: dict) -> str:
-    tokens = row.get("max_batch_tokens", 8192)
-    return "" if tokens == 8192 else f", update in {tokens}-token passes"
+    """How the row's update was split, where it was not train.py's default (rows before the flag used it)."""
+    tokens = row.get("max_batch_tokens", Config.max_batch_tokens)
+    return "" if tokens == Config.max_batch_tokens else f", update in {tokens}-token passes"
 
 
 def table(folder: str) -> str:
@@ -104,7 +108,7 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-batch-tokens", type=int, default=8192,
+    p.add_argument("--max-batch-tokens", type=int, default=Config.max_batch_tokens,
                    help="tokens per update pass; the 1.5B's float32 update at 8192 needs ~23 GiB (tinyrl.memory)")
     p.add_argument("--mult-prompt", default="paper", choices=["paper", "partial-products"])
     p.add_argument("--out", default="examples/tspmo-regime/screen")
