@@ -192,6 +192,16 @@ def test_replay_gradient_row_appears_once_logged(tmp_path, capsys):
     assert table["gradient norm, replay updates (mean over steps with one)"] == ["-", "0.004"]
 
 
+def test_gradient_norm_is_a_dash_where_the_logs_lack_it_and_0_where_it_was_0(tmp_path, capsys):
+    old, new = fake_run(tmp_path, "old", "grpo", 0, {0: 0.1}), fake_run(tmp_path, "new", "tspmo", 0, {0: 0.1})
+    add_to_steps(new, {"grad_norm": 0.5, "grad_norm_l2": 0.0}, {"grad_norm": 0.0, "grad_norm_l2": 0.0})
+    assert main([old, new]) == 0
+    table, header = rows(capsys.readouterr().out)
+    assert header == ["GRPO", "T-SPMO"]
+    assert table["gradient norm, objective (mean over steps with one)"] == ["-", "0.5"]
+    assert table["gradient norm, L2 term (mean)"] == ["-", "0"]
+
+
 def test_credit_rows_mean_over_steps_with_a_value(tmp_path, capsys):
     t, g = fake_run(tmp_path, "t0", "tspmo", 0, {0: 0.1}), fake_run(tmp_path, "g0", "grpo", 0, {0: 0.1})
     keys = ("credit_in_answer", "credit_position", "replay_cut_in_answer", "replay_flat")

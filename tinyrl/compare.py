@@ -220,7 +220,9 @@ def adapter_rows(cols: list[list[Run]], eval_steps: list[int]) -> list[tuple[str
 
     def mean_of(runs: list[Run], key: str) -> str:
         values = [m[key] for r in runs for m in r.steps if m.get(key)]  # steps with no gradient are left out
-        return f"{statistics.mean(values):.3g}" if values else "0"
+        if values:
+            return f"{statistics.mean(values):.3g}"
+        return "0" if any(key in m for r in runs for m in r.steps) else "-"  # logs from before lack the key
 
     rows = [(f"‖ΔW‖ / mean abs(A) / mean abs(B) @ step {s}", [at(runs[0], s) for runs in cols])
             for s in eval_steps if s > 0]
