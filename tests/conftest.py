@@ -10,6 +10,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the suite never reads or writes the user's cache (measured CPU kernels, downloads); subprocesses inherit this
 os.environ["TINYRL_CACHE"] = tempfile.mkdtemp(prefix="tinyrl-test-cache-")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker (and its subprocesses), N workers
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 if os.environ.get("TINYRL_TEST_NO_ONEDNN"):  # run the suite with torch's oneDNN switched off (DEVELOPERS.md)
     import torch
 
