@@ -71,6 +71,23 @@ def test_resume_refuses_conflicting_flags_and_existing_runs(tiny_dir, tmp_path, 
         train.main(["--resume", str(tmp_path)])
 
 
+def test_resume_finds_the_svamp_file_at_a_new_path_but_keeps_its_checksum(toy_svamp, tmp_path):
+    """Where the data lives may change between machines (like --device); what it is, its sha256, may not."""
+    path, svamp = toy_svamp
+    flags = ["--algo", "grpo", "--model", path, "--out", str(tmp_path / "r"), "--steps", "1", "--group-size", "2",
+             "--max-new-tokens", "2", "--eval-every", "0", "--test-n", "0", "--save-every", "1", *svamp]
+    assert train.main(flags) == 0
+    moved = tmp_path / "moved.json"
+    moved.write_bytes(open(svamp[svamp.index("--svamp-file") + 1], "rb").read())
+    from tinyrl.cli import UserError
+
+    with pytest.raises(UserError, match="--svamp-sha256 0{64}"):
+        train.main(["--resume", str(tmp_path / "r"), "--svamp-file", str(moved), "--svamp-sha256", "0" * 64])
+    assert train.main(["--resume", str(tmp_path / "r"), "--svamp-file", str(moved), "--steps", "2"]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["svamp_file"] == str(moved)
+    assert [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def start(tiny_dir, out, steps, *extra):
     flags = run_flags(tiny_dir, out, "tspmo", steps) + list(extra)
     return subprocess.Popen([sys.executable, "train.py", *flags], cwd=ROOT, stdout=subprocess.PIPE,

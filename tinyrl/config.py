@@ -119,9 +119,10 @@ def preset(algo: str, task: str) -> dict:
     return out
 
 
-# fields that may change when a run resumes; the others define the run and must stay as they were
+# fields that may change when a run resumes; the others define the run and must stay as they were (where the
+# SVAMP file lives may change between machines; its sha256, what the file is, may not)
 RESUMABLE = {"steps", "eval_every", "save_every", "keep", "device", "max_bad_steps", "test_n", "eval_batch_size",
-             "out", "parallel", "cpu_kernels", "report_to", "record_trees"}
+             "out", "parallel", "cpu_kernels", "report_to", "record_trees", "svamp_file"}
 
 
 def _check(cfg: Config) -> None:

@@ -33,7 +33,7 @@ for run in ${RUNS:-tspmo grpo sgrpo}; do
     continue
   fi
   if [ -f "$out/final_eval.json" ]; then continue; fi
-  if [ -f "$out/config.json" ]; then python train.py --resume "$out"; continue; fi
+  if [ -f "$out/config.json" ]; then python train.py --resume "$out" "${svamp[@]}"; continue; fi
   python train.py --algo "$run" --task svamp --model "$model" "${svamp[@]}" --dtype "$dtype" \
     --eval-n 100 --save-every 5 --keep 1 --out "$out"
   dtype=$(dtype_of "$out/config.json")
