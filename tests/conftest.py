@@ -3,6 +3,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -10,15 +11,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the suite never reads or writes the user's cache (measured CPU kernels, downloads); subprocesses inherit this
 os.environ["TINYRL_CACHE"] = tempfile.mkdtemp(prefix="tinyrl-test-cache-")
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker (and its subprocesses), N workers
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers, one thread each (and their subprocesses)
     os.environ["OMP_NUM_THREADS"] = "1"
-    import torch
-
     torch.set_num_threads(1)
-
 if os.environ.get("TINYRL_TEST_NO_ONEDNN"):  # run the suite with torch's oneDNN switched off (DEVELOPERS.md)
-    import torch
-
     torch.backends.mkldnn.enabled = False
 
 

@@ -1,6 +1,7 @@
 """Exact resume, crash safety and interrupts (issue: reliability)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_resume_finds_the_svamp_file_at_a_new_path_but_keeps_its_checksum(toy_sv
              "--max-new-tokens", "2", "--eval-every", "0", "--test-n", "0", "--save-every", "1", *svamp]
     assert train.main(flags) == 0
     moved = tmp_path / "moved.json"
-    moved.write_bytes(open(svamp[svamp.index("--svamp-file") + 1], "rb").read())
+    shutil.copy(svamp[svamp.index("--svamp-file") + 1], moved)
     from tinyrl.cli import UserError
 
     with pytest.raises(UserError, match="--svamp-sha256 0{64}"):
