@@ -5,7 +5,8 @@
 Runs train.py's own loop (paper presets; no evaluation) for a few steps per algorithm and reads
 its metrics. FLOPs are counted from the tokens each phase processed: 2 x parameters per token for
 a forward pass (LM head only at the positions that need it), backward through the LoRA layers at
-the cost of their forward (frozen weights need no weight gradient), attention ignored. The peak
+the cost of their forward (frozen weights need no weight gradient), the reference pass through the
+LoRA layers only (the layers below compute the same for both), attention ignored. The peak
 is the fastest dense matmul measured on the same machine in the same run.
 """
 from __future__ import annotations
@@ -78,8 +79,8 @@ def main():
         total = sum(mean(f"sec_{k}") for k in ("sample", "reward", "loss", "optim", "replay"))
         generated = sum(m["completion_len"] * cfg["group_size"] for m in steps)
         sampler_flops = generated * 2 * (body + H * V)  # every generated token: all layers + the LM head
-        refs = 2 if cfg["beta"] > 0 else 1  # the reference pass repeats the forward
-        update_flops = sum(m["forward_tokens"] * 2 * body * refs + m["forward_tokens"] * 2 * layer * n_lora
+        refs = 2 if cfg["beta"] > 0 else 1  # the reference pass repeats the LoRA layers and the LM head
+        update_flops = sum(m["forward_tokens"] * 2 * (body + layer * n_lora * refs)
                            + m["tokens_in_loss"] * 2 * H * V * (3 + refs) for m in steps)
         sampler = sampler_flops / sum(m["sec_sample"] for m in steps)
         update = update_flops / max(1e-9, sum(m["sec_loss"] for m in steps))

@@ -9,6 +9,8 @@ Memory is the point (paper §III). Three rules keep the update small:
    the smallest budget; larger budgets give the same gradient with fewer passes.
 3. The reference pass (LoRA off) runs under no_grad, and only when beta > 0. Layers below the
    first LoRA layer hold no autograd state: nothing there requires grad, so autograd records nothing.
+   They also compute the same for pi and pi_ref, so the reference pass starts at the first LoRA layer,
+   from the policy pass's hidden state there (`Trunk`): with the paper's last third, a third of a pass.
 On CPU the frozen linear layers may run on oneDNN with packed weights where a measurement on the
 machine says it is faster (`update_kernels`, tinyrl/cpu.py).
 `shard=(rank, world)` makes each process handle its share for group-parallel training.
@@ -16,13 +18,14 @@ machine says it is faster (`update_kernels`, tinyrl/cpu.py).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
 from tinyrl import cpu
-from tinyrl.lora import disable_lora
+from tinyrl.lora import decoder_layers, disable_lora, lora_modules
 from tinyrl.objectives import PrefixTree, grpo_loss, tspmo_loss
 
 
@@ -41,9 +44,11 @@ def selected_logprobs(
     head_chunk: int = 256,
     full_logits: bool = False,
     temperature: float = 1.0,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log pi(y_i[t] | prompt, y_i[:t]) for every t in positions[i], flattened in (i, t) order: (N,); pi is
     softmax(logits / temperature), the untempered policy at the default 1 (`--score-temperature`).
+    `hidden` is the decoder's output (B, S, H) for these rows where it was already computed (`Trunk.top`).
 
     Row i is prompt + y_i[:max t]: the last target itself is never fed in. Rows are right-padded,
     which a causal model needs no mask for. full_logits=True is the naive reference that builds
@@ -58,7 +63,8 @@ def selected_logprobs(
     if full_logits:
         logits = model(input_ids=input_ids).logits.float() / temperature  # (B, S, V): what the selective path avoids
         return logits.log_softmax(-1)[rows, cols].gather(-1, targets[:, None]).squeeze(1)
-    hidden = model.base_model(input_ids=input_ids).last_hidden_state  # (B, S, H)
+    if hidden is None:
+        hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, S, H)
     picked = hidden[rows, cols]  # (N, H)
     head = model.get_output_embeddings()
     out = []
@@ -68,6 +74,47 @@ def selected_logprobs(
         else:
             out.append(_head_logprobs(h, tgt, head, temperature))
     return torch.cat(out)
+
+
+class Trunk:
+    """The decoder layers below the first LoRA layer compute the same for pi and pi_ref. Inside `keep()`, a
+    forward records the first LoRA layer's input and the keyword arguments (mask, rotary embeddings) of it
+    and every later layer; `top()` then runs only those layers and the final norm from there: the
+    reference pass (LoRA off) without recomputing the trunk. None for a model without LoRA or a final `norm`."""
+
+    @classmethod
+    def of(cls, model) -> "Trunk | None":
+        decoder = model.base_model
+        _, layers = decoder_layers(decoder)
+        adapted = [i for i, layer in enumerate(layers) if lora_modules(layer)]
+        norm = getattr(decoder, "norm", None)
+        return cls(list(layers)[adapted[0]:], norm) if adapted and isinstance(norm, torch.nn.Module) else None
+
+    def __init__(self, layers: list[torch.nn.Module], norm: torch.nn.Module):
+        self.layers, self.norm = layers, norm
+        self.hidden, self.kwargs = None, []
+
+    @contextmanager
+    def keep(self):
+        def record(layer, args, kwargs):
+            if not self.kwargs:
+                self.hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+            self.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        self.hidden, self.kwargs = None, []
+        hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.layers]
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def top(self) -> torch.Tensor:
+        """The decoder's output (B, S, H) from the kept hidden state, through the kept layers as they are now."""
+        h = self.hidden
+        for layer, kwargs in zip(self.layers, self.kwargs, strict=True):
+            h = layer(h, **kwargs)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.norm(h)
 
 
 def update_kernels(model, tokens: int = 256):
@@ -127,14 +174,17 @@ def grpo_backward(
     # max_batch_tokens (a budget of one completion is Algorithm 2). The gradient is the same sum either way.
     mine = {i: len(prompt_ids) + max(positions[i]) for i in range(G) if positions[i] and i % world == rank}
     stats = {"loss": 0.0, "kl": 0.0, "tokens_in_loss": 0, "forward_tokens": 0, "forward_passes": 0}
+    trunk = Trunk.of(model) if beta > 0 and not full_logits else None
     with update_kernels(model):
         for batch in pack(mine, max_batch_tokens):
             args = (prompt_ids, [completions[i] for i in batch], [positions[i] for i in batch], pad_id)
-            logp = selected_logprobs(model, *args, full_logits=full_logits, temperature=temperature)
+            with trunk.keep() if trunk else nullcontext():
+                logp = selected_logprobs(model, *args, full_logits=full_logits, temperature=temperature)
             logp_ref = None
             if beta > 0:
                 with torch.no_grad(), disable_lora(model):
-                    logp_ref = selected_logprobs(model, *args, full_logits=full_logits, temperature=temperature)
+                    logp_ref = selected_logprobs(model, *args, full_logits=full_logits, temperature=temperature,
+                                                 hidden=trunk.top() if trunk else None)
             counts = [len(positions[i]) for i in batch]
             as_rows = lambda x: pad_sequence(x.split(counts), batch_first=True)  # (B, K)  # noqa: E731
             mask = as_rows(torch.ones_like(logp))
