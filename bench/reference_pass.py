@@ -61,16 +61,12 @@ def main():
     print(f"{what}; LoRA r 16 on q/v of the last {args.fraction:.2f} of the layers; GRPO, beta 0.01, "
           f"{args.rows} completions of {args.length} tokens after {args.prompt}; {torch.get_num_threads()} threads")
     run(True)  # warm-up (and the CPU kernel choice, measured once)
-    times = {True: [], False: []}
+    times, grads = {True: [], False: []}, {}
     for _ in range(args.repeats):
         for trunk in (False, True):
-            sec, grads = run(trunk)
+            sec, grads[trunk] = run(trunk)
             times[trunk].append(sec)
-            if trunk:
-                with_trunk = grads
-            else:
-                whole = grads
-    diff = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(with_trunk, whole))
+    diff = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for a, b in zip(grads[True], grads[False]))
     whole_s, trunk_s = statistics.median(times[False]), statistics.median(times[True])
     print(f"whole reference pass: {whole_s:.2f} s; from the trunk: {trunk_s:.2f} s; "
           f"{whole_s / trunk_s:.2f}x; largest gradient difference {diff:.1e} of the largest entry")
