@@ -112,7 +112,7 @@ def main():
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--digits", default="2x1")
+    p.add_argument("--digits", default="2x1", help="the multiplication rows' digits, or 'none' to leave them out")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--sorted", action="store_true", help="add a row: continuous, problems sorted by prompt length")
@@ -127,7 +127,7 @@ def main():
     print(f"model: {desc}; torch threads {torch.get_num_threads()}; greedy, batch size {args.batch_size}, "
           f"at most {args.max_new_tokens} new tokens")
     tasks = ([("svamp", load_task("svamp", tok, svamp_file=args.svamp_file))] if args.svamp_file else []) + \
-        [(f"mult {args.digits}", load_task("mult", tok, args.digits))]
+        ([(f"mult {args.digits}", load_task("mult", tok, args.digits))] if args.digits != "none" else [])
     for name, task in tasks:
         problems = getattr(task, args.split)[: args.n]
         prompts = [q.prompt_ids for q in problems]
