@@ -14,8 +14,11 @@ Prints wall seconds, generated tokens (up to and including the EOS), tokens/s an
 HF, the decode steps each engine ran, their mean rows (a static batch keeps finished rows until its
 longest ends) and seconds, the prefill passes and their seconds, and how many completions differ from HF's
 and from generate_batch's; then the most any scheduler at this batch size could gain on eval.py's steps (a
-fit of a step's seconds as fixed + per row, with every slot busy on every step and prefill free).
---profile: where eval.py's time goes, by operator.
+fit of a step's seconds as fixed + per row, with every slot busy on every step and prefill free), and
+where one decode step's time goes (1 row and batch-size rows, on the kernels eval.py chose): the linear
+layers (the LM head among them), attention, and the rest (norms, rotary, residuals, Python).
+--profile: where eval.py's time goes, by operator, on the first 2 x batch-size problems (the profiler's
+records of a whole 64-problem run of a 0.5B model filled 24 GiB).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from common import load_bench_model  # (also puts the repository on sys.path)
 
 from tinyrl import cpu
 from tinyrl.model import eos_ids, pad_id
-from tinyrl.sampling import generate_batch, generate_continuous
+from tinyrl.sampling import forward_step, generate_batch, generate_continuous, new_cache, sampling_kernels
 from tinyrl.tasks import load_task
 
 
@@ -101,6 +104,61 @@ def counting_steps(model, counts: Forwards):
         del model.forward
 
 
+def step_parts(model, rows: int, positions: int, repeats: int = 20) -> dict[str, float]:
+    """Mean milliseconds of one decode step of `rows` rows over `positions` cached positions, on the kernels
+    eval.py chooses at that shape, split by forward hooks: "linears" (every nn.Linear but the LM head), "lm_head",
+    "attention" (the attention modules less their q/k/v/o linears) and "rest" (norms, MLP activation, rotary,
+    residuals, embedding, Python)."""
+    spent = {"linears": 0.0, "lm_head": 0.0, "attention modules": 0.0, "projections": 0.0}
+    started: dict[torch.nn.Module, float] = {}
+
+    def timed(module, parts: list[str]) -> list:
+        def pre(mod, args):
+            started[mod] = time.perf_counter()
+
+        def post(mod, args, out):
+            for part in parts:
+                spent[part] += time.perf_counter() - started[mod]
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    vocab = model.get_input_embeddings().num_embeddings
+    tokens = torch.randint(vocab, (rows, 1), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(vocab, (1, positions), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), sampling_kernels(model, rows, positions):
+        prefilled = new_cache(model, positions)
+        forward_step(model, prompt, prefilled)
+
+        def steps() -> float:  # mean seconds of a step, after three warm-ups
+            total = 0.0
+            for i in range(repeats + 3):
+                cache = type(prefilled)(layers=[layer.repeat_rows(rows, positions + 1) for layer in prefilled.layers])
+                if i == 3:
+                    spent.update(dict.fromkeys(spent, 0.0))
+                start = time.perf_counter()
+                forward_step(model, tokens, cache)
+                total += (time.perf_counter() - start) * (i >= 3)
+            return total / repeats
+
+        step = 1000 * steps()  # without hooks: they slow every module call a little
+        head, hooks = model.get_output_embeddings(), []
+        for name, m in model.named_modules():
+            if m is head:
+                hooks += timed(m, ["lm_head"])
+            elif isinstance(m, torch.nn.Linear):
+                hooks += timed(m, ["linears", "projections"] if ".self_attn." in name else ["linears"])
+            elif name.endswith(".self_attn"):
+                hooks += timed(m, ["attention modules"])
+        try:
+            steps()
+        finally:
+            for h in hooks:
+                h.remove()
+    ms = {k: 1000 * v / repeats for k, v in spent.items()}
+    attention = ms["attention modules"] - ms["projections"]
+    return {"step": step, "linears": ms["linears"], "lm_head": ms["lm_head"], "attention": attention,
+            "rest": step - ms["linears"] - ms["lm_head"] - attention}
+
+
 ENGINES = [("HF generate, static batches", hf_static), ("tinyrl generate_batch, static", tinyrl_static),
            ("tinyrl continuous (eval.py)", tinyrl_continuous)]
 
@@ -159,16 +217,26 @@ def main():
                   f"{len(counts.rows)} steps); with every slot busy on every step and prefill free it would take "
                   f"{best:.1f} s: no scheduler at batch size {args.batch_size} on these steps passes "
                   f"{hf_seconds / best:.2f}x HF")
+            tail = [r for r in counts.rows if r < args.batch_size]  # the batch shrinks once every problem has started
+            print(f"after the last problem started: {len(tail)} of its {len(counts.rows)} decode steps, "
+                  f"{sum(tail) / max(1, len(tail)):.1f} rows on average")
+        positions = max(map(len, prompts)) + args.max_new_tokens // 2  # the shape eval.py's kernels are chosen on
+        for rows in (1, args.batch_size):
+            ms = step_parts(model, rows, positions)
+            print(f"a decode step of {rows} row{'s' * (rows > 1)} over {positions} positions: {ms['step']:.1f} ms = linears "
+                  f"{ms['linears']:.1f} + LM head {ms['lm_head']:.1f} + attention {ms['attention']:.1f} + the rest "
+                  f"{ms['rest']:.1f} (norms, rotary, residuals, Python)")
         print(f"cut at {args.max_new_tokens} tokens: {sum(len(c) == args.max_new_tokens for c in hf)} of {len(hf)} (HF); "
               f"CPU kernels (each engine's probe shape): {cpu.describe(model)}")
         if args.profile:
             from torch.profiler import profile
 
             with profile() as prof:
-                tinyrl_continuous(model, prompts, args.max_new_tokens, eos, pad, args.batch_size)
+                tinyrl_continuous(model, prompts[: 2 * args.batch_size], args.max_new_tokens, eos, pad, args.batch_size)
             ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
             total = sum(e.self_cpu_time_total for e in ops)
-            print("share of eval.py's time (self CPU time per operator):")
+            print(f"share of eval.py's time on the first {min(len(prompts), 2 * args.batch_size)} problems (self CPU time "
+                  f"per operator):")
             for e in ops[:10]:
                 print(f"  {e.key:<52}{100 * e.self_cpu_time_total / total:>6.1f}%")
 
