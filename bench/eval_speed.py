@@ -16,7 +16,7 @@ longest ends) and seconds, the prefill passes and their seconds, and how many co
 and from generate_batch's; then the most any scheduler at this batch size could gain on eval.py's steps (a
 fit of a step's seconds as fixed + per row, with every slot busy on every step and prefill free), and
 where one decode step's time goes (1 row and batch-size rows, on the kernels eval.py chose): the linear
-layers (the LM head among them), attention, and the rest (norms, rotary, residuals, Python).
+layers, the LM head, attention, and the rest (norms, residuals, Python).
 --profile: where eval.py's time goes, by operator, on the first 2 x batch-size problems (the profiler's
 records of a whole 64-problem run of a 0.5B model filled 24 GiB).
 """
@@ -107,8 +107,8 @@ def counting_steps(model, counts: Forwards):
 def step_parts(model, rows: int, positions: int, repeats: int = 20) -> dict[str, float]:
     """Mean milliseconds of one decode step of `rows` rows over `positions` cached positions, on the kernels
     eval.py chooses at that shape, split by forward hooks: "linears" (every nn.Linear but the LM head), "lm_head",
-    "attention" (the attention modules less their q/k/v/o linears) and "rest" (norms, MLP activation, rotary,
-    residuals, embedding, Python)."""
+    "attention" (the attention modules less their q/k/v/o linears: rotary, cache write, attention proper) and
+    "rest" (norms, MLP activation, rotary angles, residuals, embedding, Python)."""
     spent = {"linears": 0.0, "lm_head": 0.0, "attention modules": 0.0, "projections": 0.0}
     started: dict[torch.nn.Module, float] = {}
 
@@ -217,26 +217,26 @@ def main():
                   f"{len(counts.rows)} steps); with every slot busy on every step and prefill free it would take "
                   f"{best:.1f} s: no scheduler at batch size {args.batch_size} on these steps passes "
                   f"{hf_seconds / best:.2f}x HF")
-            tail = [r for r in counts.rows if r < args.batch_size]  # the batch shrinks once every problem has started
+            tail = [r for r in counts.rows if r < args.batch_size]  # the batch shrinks once all have started
             print(f"after the last problem started: {len(tail)} of its {len(counts.rows)} decode steps, "
                   f"{sum(tail) / max(1, len(tail)):.1f} rows on average")
         positions = max(map(len, prompts)) + args.max_new_tokens // 2  # the shape eval.py's kernels are chosen on
         for rows in (1, args.batch_size):
             ms = step_parts(model, rows, positions)
-            print(f"a decode step of {rows} row{'s' * (rows > 1)} over {positions} positions: {ms['step']:.1f} ms = linears "
-                  f"{ms['linears']:.1f} + LM head {ms['lm_head']:.1f} + attention {ms['attention']:.1f} + the rest "
-                  f"{ms['rest']:.1f} (norms, rotary, residuals, Python)")
+            print(f"a decode step of {rows} row{'s' * (rows > 1)} over {positions} positions: {ms['step']:.1f} ms "
+                  f"= linears {ms['linears']:.1f} + LM head {ms['lm_head']:.1f} + attention {ms['attention']:.1f} "
+                  f"+ the rest {ms['rest']:.1f} (norms, residuals, Python)")
         print(f"cut at {args.max_new_tokens} tokens: {sum(len(c) == args.max_new_tokens for c in hf)} of {len(hf)} (HF); "
               f"CPU kernels (each engine's probe shape): {cpu.describe(model)}")
         if args.profile:
             from torch.profiler import profile
 
             with profile() as prof:
-                tinyrl_continuous(model, prompts[: 2 * args.batch_size], args.max_new_tokens, eos, pad, args.batch_size)
+                first = prompts[: 2 * args.batch_size]
+                tinyrl_continuous(model, first, args.max_new_tokens, eos, pad, args.batch_size)
             ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
             total = sum(e.self_cpu_time_total for e in ops)
-            print(f"share of eval.py's time on the first {min(len(prompts), 2 * args.batch_size)} problems (self CPU time "
-                  f"per operator):")
+            print(f"share of eval.py's time on the first {len(first)} problems (self CPU time per operator):")
             for e in ops[:10]:
                 print(f"  {e.key:<52}{100 * e.self_cpu_time_total / total:>6.1f}%")
 
