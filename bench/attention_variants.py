@@ -1,0 +1,98 @@
+"""Does the decode attention's dtype handling cost a bfloat16 decode step anything? A negative result, kept.
+
+    python bench/attention_variants.py --model .cache/models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf \
+        [--threads 2 --rows 16 --positions 166 --repeats 8]
+
+One decode step of a bfloat16 model on oneDNN linears and `tinyrl.cpu.decode_attention`'s two
+matmuls, with the keys and values and the products in four arrangements (best of `repeats`, interleaved):
+  A: a bfloat16 cache converted to float32 on every step, both products in float32 (what tinyrl does);
+  B: a float32 cache (converted once, as written), both products in float32 (bitwise A's logits);
+  C: float32 keys, bfloat16 values, the probabilities rounded to bfloat16 before the second product
+     (as torch's CPU flash attention does for bfloat16);
+  D: a bfloat16 cache, keys converted per step, the second product as in C.
+Prints each step's milliseconds and how far its logits are from A's.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import common  # noqa: F401  (puts the repository on sys.path)
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache
+
+from tinyrl import cpu
+from tinyrl.model import load_model
+from tinyrl.sampling import PreallocatedLayer, forward_step, new_cache
+
+
+def attention(low_precision_values: bool):
+    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        if query.shape[2] != 1:  # the prefill: as tinyrl
+            return cpu.decode_attention(module, query, key.to(query.dtype), value.to(query.dtype), attention_mask,
+                                        dropout, scaling, **kwargs)
+        B, H, _, d = query.shape
+        kv = key.shape[1]
+        scores = query.reshape(B, kv, H // kv, d).float() @ key.float().transpose(-1, -2) * d ** -0.5
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask[..., -key.shape[2]:], float("-inf"))
+        p = scores.softmax(-1)
+        out = p.to(value.dtype) @ value if low_precision_values else p @ value.float()
+        return out.reshape(B, 1, H, d).to(query.dtype), None
+    return attend
+
+
+class FloatKeys(PreallocatedLayer):  # C: keys in float32, values in the model's dtype
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        self.k_buf = self.k_buf.float()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--positions", type=int, default=166)
+    p.add_argument("--repeats", type=int, default=8)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model, dtype="bfloat16", device="cpu")
+    rows, P = args.rows, args.positions
+    g = torch.Generator().manual_seed(0)
+    prompt, tokens = torch.randint(1000, (1, P), generator=g), torch.randint(1000, (rows, 1), generator=g)
+    variants = {"A bf16 cache, float32 products": (False, None), "B f32 cache, float32 products": (False, "f32"),
+                "C f32 keys / bf16 values": (True, "keys"), "D bf16 cache, bf16 p @ V": (True, None)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    logits = {}
+    with torch.no_grad(), cpu.use(model, cpu.Kernels(True, True)):
+        filled = new_cache(model, P)
+        forward_step(model, prompt, filled)
+        for _ in range(args.repeats):
+            for name, (low, layout) in variants.items():
+                AttentionInterface.register("tinyrl_decode", attention(low))
+                if layout == "keys":
+                    cache = Cache(layers=[FloatKeys(P + 1) for _ in filled.layers])
+                    for layer, src in zip(cache.layers, filled.layers):
+                        layer.update(src.keys.expand(rows, -1, -1, -1), src.values.expand(rows, -1, -1, -1))
+                else:
+                    cache = Cache(layers=[layer.repeat_rows(rows, P + 1) for layer in filled.layers])
+                    if layout == "f32":
+                        for layer in cache.layers:
+                            layer.k_buf, layer.v_buf = layer.k_buf.float(), layer.v_buf.float()
+                            layer.keys, layer.values = layer.k_buf[:, :, :P], layer.v_buf[:, :, :P]
+                start = time.perf_counter()
+                logits[name] = forward_step(model, tokens, cache)
+                times[name].append(time.perf_counter() - start)
+    AttentionInterface.register("tinyrl_decode", cpu.decode_attention)
+    reference = logits["A bf16 cache, float32 products"]
+    print(f"{rows} rows x {P} positions, {args.threads} threads, best of {args.repeats - 1} after a warm-up")
+    for name, t in times.items():
+        diff = (logits[name] - reference).abs().max().item()
+        same = (logits[name].argmax(-1) == reference.argmax(-1)).float().mean().item()
+        print(f"{name:34s} {min(t[1:]) * 1e3:7.1f} ms   max |logit - A's| {diff:.3g}   argmax as A's: {same:.0%}")
+
+
+if __name__ == "__main__":
+    main()
