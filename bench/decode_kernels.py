@@ -5,7 +5,8 @@
 1. Matrix multiplies of a decode step (SmolLM2-135M's shapes, or those of `--model`, `rows` tokens at
    once) in float32 and bfloat16, against a square 2048 matmul in the same dtype: torch's F.linear (MKL
    for float32) against oneDNN with the weight packed in advance (what `tinyrl.cpu.packed_linears` uses).
-   GFLOP/s, and in brackets the GB/s of weights read, beside a streaming read of 1 GiB (the memory's limit).
+   GFLOP/s, and in brackets the GB/s of weights read, beside one row through 1 GiB of weights (the
+   memory's limit).
 2. Attention for one new token per row (SmolLM2's 9 heads on 3 key/value heads, or the model's; head dim
    64, `positions` keys): torch's SDPA against tinyrl's `decode_attention`, in both dtypes. Prints the ratios.
 """
@@ -47,9 +48,12 @@ def main():
     shapes, (heads, kv, head_dim) = model_shapes(args.model) if args.model else (SHAPES, HEADS)
     dtypes = (torch.float32, torch.bfloat16)
     print(f"torch threads {torch.get_num_threads()}; {M} rows\n")
-    big = torch.ones(2 ** 28)  # 1 GiB of float32
-    print(f"a streaming read of 1 GiB: {big.numel() * 4 / seconds(big.sum, repeats=5) / 1e9:.1f} GB/s\n")
-    del big
+    big = torch.nn.Linear(2 ** 12, 2 ** 16, bias=False)  # 1 GiB of float32 weights, read once per call
+    x, packed = torch.randn(1, 2 ** 12), packed_weight(big)
+    with torch.no_grad():
+        rate = 2 ** 30 / seconds(lambda: packed_linear(big, packed, None, x), repeats=5) / 1e9
+    print(f"the memory's limit: one row through 1 GiB of packed float32 weights reads {rate:.1f} GB/s\n")
+    del big, packed
     print("GFLOP/s of F.linear (torch) and of oneDNN on a packed weight (packed) (GB/s of weights read):")
     columns = [f"{str(d)[6:]} {kernel}" for d in dtypes for kernel in ("torch", "packed")]
     print(f"{'matmul (out x in)':<28}" + "".join(f"{c:>17}" for c in columns))
