@@ -1,7 +1,7 @@
 """Does the decode attention's dtype handling cost a bfloat16 decode step anything? A negative result, kept.
 
     python bench/attention_variants.py --model .cache/models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf \
-        [--threads 2 --rows 16 --positions 166 --repeats 8]
+        [--dtype bfloat16 --threads 2 --rows 16 --positions 166 --repeats 8]
 
 One decode step of a bfloat16 model on oneDNN linears and `tinyrl.cpu.decode_attention`'s two
 matmuls, with the keys and values and the products in four arrangements (best of `repeats`, interleaved):
@@ -14,16 +14,14 @@ Prints each step's milliseconds and how far its logits are from A's.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
-import common  # noqa: F401  (puts the repository on sys.path)
+import common  # (also puts the repository on sys.path)
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
 from tinyrl import cpu
-from tinyrl.model import load_model
 from tinyrl.sampling import PreallocatedLayer, forward_step, new_cache
 
 
@@ -50,18 +48,8 @@ class FloatKeys(PreallocatedLayer):  # C: keys in float32, values in the model's
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", type=int, default=16)
-    p.add_argument("--positions", type=int, default=166)
-    p.add_argument("--repeats", type=int, default=8)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, dtype="bfloat16", device="cpu")
+    args, model, prompt, tokens = common.one_decode_step(__doc__.splitlines()[0])
     rows, P = args.rows, args.positions
-    g = torch.Generator().manual_seed(0)
-    prompt, tokens = torch.randint(1000, (1, P), generator=g), torch.randint(1000, (rows, 1), generator=g)
     variants = {"A bf16 cache, float32 products": (False, None), "B f32 cache, float32 products": (False, "f32"),
                 "C f32 keys / bf16 values": (True, "keys"), "D bf16 cache, bf16 p @ V": (True, None)}
     times: dict[str, list[float]] = {name: [] for name in variants}

@@ -73,3 +73,28 @@ def load_bench_model(path: str | None, device: str | None = None, random_shape: 
     model = random_qwen2(random_shape, device=str(pick_device(device))).to(getattr(torch, dtype))
     n = sum(p.numel() for p in model.parameters())
     return model, None, f"random Qwen2 {random_shape or ''} ({n / 1e6:.0f}M parameters, random weights, {dtype})"
+
+
+def one_decode_step(description: str):
+    """The set-up of the benches that time one decode step (attention_variants.py, fused_step.py): their flags
+    (--model, --dtype, --threads, --rows, --positions, --repeats), the model on the CPU, and random ids:
+    (args, model, prompt (1, positions), tokens (rows, 1))."""
+    import argparse
+
+    import torch
+
+    from tinyrl.model import load_model
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--positions", type=int, default=166)
+    p.add_argument("--repeats", type=int, default=8)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, _ = load_model(args.model, dtype=args.dtype, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    prompt, tokens = torch.randint(1000, (1, args.positions), generator=g), torch.randint(1000, (args.rows, 1), generator=g)
+    return args, model, prompt, tokens

@@ -13,16 +13,14 @@ Prints each step's milliseconds and how far its logits are from hf's.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 import torch.nn.functional as F
-import common  # noqa: F401  (puts the repository on sys.path)
+import common  # (also puts the repository on sys.path)
 from transformers.cache_utils import Cache
 
 from tinyrl import cpu
-from tinyrl.model import load_model
 from tinyrl.sampling import forward_step, new_cache
 
 
@@ -62,19 +60,8 @@ def step(model, ids, cache: Cache, keep: torch.Tensor, positions: torch.Tensor, 
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", type=int, default=16)
-    p.add_argument("--positions", type=int, default=166)
-    p.add_argument("--repeats", type=int, default=8)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, _ = load_model(args.model, dtype=args.dtype, device="cpu")
+    args, model, prompt, tokens = common.one_decode_step(__doc__.splitlines()[0])
     rows, P = args.rows, args.positions
-    g = torch.Generator().manual_seed(0)
-    prompt, tokens = torch.randint(1000, (1, P), generator=g), torch.randint(1000, (rows, 1), generator=g)
     keep, positions = torch.ones(rows, P + 1, dtype=torch.bool), torch.full((rows, 1), P)
     ways = {"hf": lambda c: forward_step(model, tokens, c, keep, positions),
             "plain": lambda c: step(model, tokens, c, keep, positions, fused=False),
