@@ -50,8 +50,7 @@ class FloatKeys(PreallocatedLayer):  # C: keys in float32, values in the model's
 def main():
     args, model, prompt, tokens = common.one_decode_step(__doc__.splitlines()[0])
     rows, P = args.rows, args.positions
-    variants = {"A bf16 cache, float32 products": (False, None), "B f32 cache, float32 products": (False, "f32"),
-                "C f32 keys / bf16 values": (True, "keys"), "D bf16 cache, bf16 p @ V": (True, None)}
+    variants = {"A": (False, None), "B": (False, "f32"), "C": (True, "keys"), "D": (True, None)}  # the docstring's
     times: dict[str, list[float]] = {name: [] for name in variants}
     logits = {}
     with torch.no_grad(), cpu.use(model, cpu.Kernels(True, True)):
@@ -74,13 +73,7 @@ def main():
                 logits[name] = forward_step(model, tokens, cache)
                 times[name].append(time.perf_counter() - start)
     AttentionInterface.register("tinyrl_decode", cpu.decode_attention)
-    reference = logits["A bf16 cache, float32 products"]
-    print(f"{rows} rows x {P} positions, {args.threads} threads, best of {args.repeats - 1} after a warm-up")
-    for name, t in times.items():
-        diff = (logits[name] - reference).abs().max().item()
-        same = (logits[name].argmax(-1) == reference.argmax(-1)).float().mean().item()
-        print(f"{name:34s} {min(t[1:]) * 1e3:7.1f} ms   max |logit - A's| {diff:.3g}   argmax as A's: {same:.0%}")
-
+    common.report_steps(args, times, logits, "A")
 
 if __name__ == "__main__":
     main()

@@ -98,3 +98,15 @@ def one_decode_step(description: str):
     g = torch.Generator().manual_seed(0)
     prompt, tokens = torch.randint(1000, (1, args.positions), generator=g), torch.randint(1000, (args.rows, 1), generator=g)
     return args, model, prompt, tokens
+
+
+def report_steps(args, times: dict, logits: dict, reference: str) -> None:
+    """Print each way's best step time (the first repeat is a warm-up) and how far its logits are from `reference`'s."""
+    print(f"{args.dtype}, {args.rows} rows x {args.positions} positions, {args.threads} threads, "
+          f"best of {args.repeats - 1} after a warm-up")
+    width = max(map(len, times))
+    for name, t in times.items():
+        diff = (logits[name] - logits[reference]).abs().max().item()
+        same = (logits[name].argmax(-1) == logits[reference].argmax(-1)).float().mean().item()
+        print(f"{name:{width}s} {min(t[1:]) * 1e3:7.1f} ms   max |logit - {reference}'s| {diff:.3g}   "
+              f"argmax as {reference}'s: {same:.0%}")

@@ -77,12 +77,7 @@ def main():
                 start = time.perf_counter()
                 logits[name] = fn(cache)
                 times[name].append(time.perf_counter() - start)
-    print(f"{args.dtype}, {rows} rows x {P} positions, {args.threads} threads, best of {args.repeats - 1} after a warm-up")
-    for name, t in times.items():
-        diff = (logits[name] - logits["hf"]).abs().max().item()
-        same = (logits[name].argmax(-1) == logits["hf"].argmax(-1)).float().mean().item()
-        print(f"{name:6s} {min(t[1:]) * 1e3:7.1f} ms   max |logit - hf's| {diff:.3g}   argmax as hf's: {same:.0%}")
-
+    common.report_steps(args, times, logits, "hf")
 
 if __name__ == "__main__":
     main()
