@@ -14,15 +14,12 @@ Prints each step's milliseconds and how far its logits are from A's.
 """
 from __future__ import annotations
 
-import time
-
-import torch
 import common  # (also puts the repository on sys.path)
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 
 from tinyrl import cpu
-from tinyrl.sampling import PreallocatedLayer, forward_step, new_cache
+from tinyrl.sampling import PreallocatedLayer, forward_step
 
 
 def attention(low_precision_values: bool):
@@ -50,30 +47,28 @@ class FloatKeys(PreallocatedLayer):  # C: keys in float32, values in the model's
 def main():
     args, model, prompt, tokens = common.one_decode_step(__doc__.splitlines()[0])
     rows, P = args.rows, args.positions
-    variants = {"A": (False, None), "B": (False, "f32"), "C": (True, "keys"), "D": (True, None)}  # the docstring's
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    logits = {}
-    with torch.no_grad(), cpu.use(model, cpu.Kernels(True, True)):
-        filled = new_cache(model, P)
-        forward_step(model, prompt, filled)
-        for _ in range(args.repeats):
-            for name, (low, layout) in variants.items():
-                AttentionInterface.register("tinyrl_decode", attention(low))
-                if layout == "keys":
-                    cache = Cache(layers=[FloatKeys(P + 1) for _ in filled.layers])
-                    for layer, src in zip(cache.layers, filled.layers):
-                        layer.update(src.keys.expand(rows, -1, -1, -1), src.values.expand(rows, -1, -1, -1))
-                else:
-                    cache = Cache(layers=[layer.repeat_rows(rows, P + 1) for layer in filled.layers])
-                    if layout == "f32":
-                        for layer in cache.layers:
-                            layer.k_buf, layer.v_buf = layer.k_buf.float(), layer.v_buf.float()
-                            layer.keys, layer.values = layer.k_buf[:, :, :P], layer.v_buf[:, :, :P]
-                start = time.perf_counter()
-                logits[name] = forward_step(model, tokens, cache)
-                times[name].append(time.perf_counter() - start)
+
+    def way(low_precision_values: bool, layout: str | None):
+        def prepare(filled):
+            AttentionInterface.register("tinyrl_decode", attention(low_precision_values))
+            if layout == "keys":
+                cache = Cache(layers=[FloatKeys(P + 1) for _ in filled.layers])
+                for layer, src in zip(cache.layers, filled.layers):
+                    layer.update(src.keys.expand(rows, -1, -1, -1), src.values.expand(rows, -1, -1, -1))
+            else:
+                cache = Cache(layers=[layer.repeat_rows(rows, P + 1) for layer in filled.layers])
+                if layout == "f32":
+                    for layer in cache.layers:
+                        layer.k_buf, layer.v_buf = layer.k_buf.float(), layer.v_buf.float()
+                        layer.keys, layer.values = layer.k_buf[:, :, :P], layer.v_buf[:, :, :P]
+            return lambda: forward_step(model, tokens, cache)
+        return prepare
+
+    ways = {"A": way(False, None), "B": way(False, "f32"), "C": way(True, "keys"), "D": way(True, None)}  # the docstring's
+    times, logits = common.time_steps(args, model, prompt, ways)
     AttentionInterface.register("tinyrl_decode", cpu.decode_attention)
     common.report_steps(args, times, logits, "A")
+
 
 if __name__ == "__main__":
     main()

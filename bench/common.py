@@ -110,3 +110,28 @@ def report_steps(args, times: dict, logits: dict, reference: str) -> None:
         same = (logits[name].argmax(-1) == logits[reference].argmax(-1)).float().mean().item()
         print(f"{name:{width}s} {min(t[1:]) * 1e3:7.1f} ms   max |logit - {reference}'s| {diff:.3g}   "
               f"argmax as {reference}'s: {same:.0%}")
+
+
+def time_steps(args, model, prompt, ways: dict) -> tuple[dict, dict]:
+    """Time one decode step of `model` (on tinyrl's CPU kernels) several ways, interleaved, `args.repeats` times.
+    ways: name -> prepare(filled), where `filled` is a 1-row cache holding `prompt`; prepare builds that way's
+    cache untimed and returns the step to time, a call that returns logits. Returns ({name: seconds}, {name: logits})."""
+    import time
+
+    import torch
+
+    from tinyrl import cpu
+    from tinyrl.sampling import forward_step, new_cache
+
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    logits = {}
+    with torch.no_grad(), cpu.use(model, cpu.Kernels(True, True)):
+        filled = new_cache(model, args.positions)
+        forward_step(model, prompt, filled)
+        for _ in range(args.repeats):
+            for name, prepare in ways.items():
+                step = prepare(filled)
+                start = time.perf_counter()
+                logits[name] = step()
+                times[name].append(time.perf_counter() - start)
+    return times, logits

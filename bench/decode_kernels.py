@@ -38,6 +38,14 @@ def model_shapes(name: str):
     return shapes, (heads, kv, head_dim)
 
 
+def memory_limit() -> float:
+    """GB/s of weights read by one row through 1 GiB of packed float32 weights (each call reads them all once)."""
+    big = torch.nn.Linear(2 ** 12, 2 ** 16, bias=False)
+    x, packed = torch.randn(1, 2 ** 12), packed_weight(big)
+    with torch.no_grad():
+        return 2 ** 30 / seconds(lambda: packed_linear(big, packed, None, x), repeats=5) / 1e9
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=50)
@@ -48,12 +56,7 @@ def main():
     shapes, (heads, kv, head_dim) = model_shapes(args.model) if args.model else (SHAPES, HEADS)
     dtypes = (torch.float32, torch.bfloat16)
     print(f"torch threads {torch.get_num_threads()}; {M} rows\n")
-    big = torch.nn.Linear(2 ** 12, 2 ** 16, bias=False)  # 1 GiB of float32 weights, read once per call
-    x, packed = torch.randn(1, 2 ** 12), packed_weight(big)
-    with torch.no_grad():
-        rate = 2 ** 30 / seconds(lambda: packed_linear(big, packed, None, x), repeats=5) / 1e9
-    print(f"the memory's limit: one row through 1 GiB of packed float32 weights reads {rate:.1f} GB/s\n")
-    del big, packed
+    print(f"the memory's limit: one row through 1 GiB of packed float32 weights reads {memory_limit():.1f} GB/s\n")
     print("GFLOP/s of F.linear (torch) and of oneDNN on a packed weight (packed) (GB/s of weights read):")
     columns = [f"{str(d)[6:]} {kernel}" for d in dtypes for kernel in ("torch", "packed")]
     print(f"{'matmul (out x in)':<28}" + "".join(f"{c:>17}" for c in columns))

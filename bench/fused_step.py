@@ -13,15 +13,13 @@ Prints each step's milliseconds and how far its logits are from hf's.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 import common  # (also puts the repository on sys.path)
 from transformers.cache_utils import Cache
 
 from tinyrl import cpu
-from tinyrl.sampling import forward_step, new_cache
+from tinyrl.sampling import forward_step
 
 
 def linear(layer, x, post="none", other=None):
@@ -63,21 +61,18 @@ def main():
     args, model, prompt, tokens = common.one_decode_step(__doc__.splitlines()[0])
     rows, P = args.rows, args.positions
     keep, positions = torch.ones(rows, P + 1, dtype=torch.bool), torch.full((rows, 1), P)
-    ways = {"hf": lambda c: forward_step(model, tokens, c, keep, positions),
-            "plain": lambda c: step(model, tokens, c, keep, positions, fused=False),
-            "fused": lambda c: step(model, tokens, c, keep, positions, fused=True)}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    logits = {}
-    with torch.no_grad(), cpu.use(model, cpu.Kernels(True, True)):
-        filled = new_cache(model, P)
-        forward_step(model, prompt, filled)
-        for _ in range(args.repeats):
-            for name, fn in ways.items():
-                cache = Cache(layers=[layer.repeat_rows(rows, P + 1) for layer in filled.layers])
-                start = time.perf_counter()
-                logits[name] = fn(cache)
-                times[name].append(time.perf_counter() - start)
-    common.report_steps(args, times, logits, "hf")
+
+    def way(run):
+        def prepare(filled):
+            cache = Cache(layers=[layer.repeat_rows(rows, P + 1) for layer in filled.layers])
+            return lambda: run(cache)
+        return prepare
+
+    ways = {"hf": way(lambda c: forward_step(model, tokens, c, keep, positions)),
+            "plain": way(lambda c: step(model, tokens, c, keep, positions, fused=False)),
+            "fused": way(lambda c: step(model, tokens, c, keep, positions, fused=True))}
+    common.report_steps(args, *common.time_steps(args, model, prompt, ways), "hf")
+
 
 if __name__ == "__main__":
     main()

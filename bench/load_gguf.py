@@ -9,7 +9,6 @@ import glob
 import os
 import subprocess
 import sys
-import time
 
 from common import find_smollm2  # (also puts the repository on sys.path)
 
