@@ -3,7 +3,7 @@
     python bench/attention_variants.py --model .cache/models/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf \
         [--dtype bfloat16 --threads 2 --rows 16 --positions 166 --repeats 8]
 
-One decode step of a bfloat16 model on oneDNN linears and `tinyrl.cpu.decode_attention`'s two
+One decode step of the model (bfloat16 unless --dtype) on oneDNN linears and `tinyrl.cpu.decode_attention`'s two
 matmuls, with the keys and values and the products in four arrangements (best of `repeats`, interleaved):
   A: a bfloat16 cache converted to float32 on every step, both products in float32 (what tinyrl does);
   B: a float32 cache (converted once, as written), both products in float32 (bitwise A's logits);

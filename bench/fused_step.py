@@ -8,7 +8,7 @@ One decode step of a Qwen2/Llama-family model on tinyrl's CPU kernels (oneDNN li
   hf:    through HF's modules, as tinyrl's sampler runs it (`forward_step`);
   plain: a hand-written step, no HF module calls, mask or cache objects: the same kernels, fewer ops;
   fused: as plain, with SiLU, the gate-up product and both residual adds fused into the linears as
-         oneDNN post-ops (8 fewer ops a layer).
+         oneDNN post-ops (4 fewer ops a layer).
 Prints each step's milliseconds and how far its logits are from hf's.
 """
 from __future__ import annotations
@@ -45,14 +45,11 @@ def step(model, ids, cache: Cache, keep: torch.Tensor, positions: torch.Tensor, 
         keys, values = cache.update(k[:, :, None], v[:, :, None], i)  # (B, kv_heads, L, head_dim)
         s = q.view(B, keys.shape[1], -1, a.head_dim).float() @ keys.float().transpose(-1, -2) * a.scaling
         o = (s.masked_fill(~keep[:, None, None], float("-inf")).softmax(-1) @ values.float()).reshape(B, -1).to(x.dtype)
+        x = linear(a.o_proj, o, "add", x) if fused else x + linear(a.o_proj, o)
+        h = norm(x, layer.post_attention_layernorm)
         if fused:
-            x = linear(a.o_proj, o, "add", x)
-            up = linear(mlp.up_proj, norm(x, layer.post_attention_layernorm), "mul",
-                        linear(mlp.gate_proj, norm(x, layer.post_attention_layernorm), "swish"))
-            x = linear(mlp.down_proj, up, "add", x)
+            x = linear(mlp.down_proj, linear(mlp.up_proj, h, "mul", linear(mlp.gate_proj, h, "swish")), "add", x)
         else:
-            x = x + linear(a.o_proj, o)
-            h = norm(x, layer.post_attention_layernorm)
             x = x + linear(mlp.down_proj, F.silu(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
     return linear(model.lm_head, norm(x, m.norm)).float()
 
